@@ -1,1 +1,16 @@
+"""pale_mm: Pale Transformer (and sibling) backbones for mmdet, mmseg and timm.
+
+Importing ``pale_mm`` registers ``PaleTransformer`` in mmdet's and mmseg's model
+registries (whichever are installed) and ``pale_tiny/small/base`` in timm.
+"""
 __version__ = '0.1.0'
+
+from . import models  # noqa: F401,E402
+from . import registration  # noqa: F401,E402
+from .models import PaleTransformer, PSAttention, pale_attention  # noqa: F401,E402
+
+try:
+    from . import timm_models  # noqa: F401
+except ModuleNotFoundError as _e:  # timm is optional for mmdet/mmseg users
+    if _e.name is None or _e.name.split('.')[0] != 'timm':
+        raise

@@ -45,6 +45,8 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   "$PY" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip)
+# pip here warns about every configured local index folder it does not find; hide that noise.
+quiet() { "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 CONSTRAINTS="$(mktemp)"
@@ -58,7 +60,7 @@ torchvision==$TV_VER
 CEOF
 
 say "installing torch $TORCH_VER, torchvision $TV_VER and build tools (about 1 minute)"
-"${PIP[@]}" install -q -c "$CONSTRAINTS" "torch==$TORCH_VER" "torchvision==$TV_VER" \
+quiet "${PIP[@]}" install -q -c "$CONSTRAINTS" "torch==$TORCH_VER" "torchvision==$TV_VER" \
   'setuptools>=77,<82' wheel ninja 'numpy<2'
 
 PYTAG="$("$VENV/bin/python" -c 'import sys; print(f"cp{sys.version_info.major}{sys.version_info.minor}")')"
@@ -72,7 +74,7 @@ else
   if ! ls "$WHEEL_DIR"/mmcv-*.whl >/dev/null 2>&1; then
     BUILD="$(mktemp -d)"
     say "building mmcv $MMCV_VER with ops from the PyPI sdist in $BUILD (about 10-15 minutes on 2 cores)"
-    "${PIP[@]}" download -q --no-deps --no-binary :all: --no-build-isolation -d "$BUILD" "mmcv==$MMCV_VER"
+    quiet "${PIP[@]}" download -q --no-deps --no-binary :all: --no-build-isolation -d "$BUILD" "mmcv==$MMCV_VER"
     tar -xzf "$BUILD"/mmcv-$MMCV_VER.tar.gz -C "$BUILD"
     SRC="$BUILD/mmcv-$MMCV_VER"
     # torch >= 2.10 headers need C++20; mmcv 2.1.0 hard-codes -std=c++17.
@@ -92,7 +94,7 @@ PYEOF
         "${PIP[@]}" wheel -v --no-deps --no-build-isolation -w "$BUILD/dist" . ) 2>&1 \
       | tee "$LOG" \
       | awk '
-          /^\[[0-9]+\/[0-9]+\]/ { n=$1; f=$NF; for (i=1;i<=NF;i++) if ($i ~ /\.(cpp|cu|cc)$/) f=$i;
+          /^ *\[[0-9]+\/[0-9]+\]/ { n=$1; f=$NF; for (i=1;i<=NF;i++) if ($i ~ /\.(cpp|cu|cc)$/) f=$i;
                                    sub(/.*\//, "", f); printf("  mmcv build %s %s\n", n, f); fflush(); next }
           /(g\+\+|gcc|c\+\+) .* -c / { for (i=1;i<=NF;i++) if ($i ~ /\.(cpp|cc)$/) { f=$i; sub(/.*\//, "", f); c++;
                                    printf("  mmcv build [%d] %s\n", c, f); fflush() } next }
@@ -106,17 +108,17 @@ PYEOF
   else
     say "using cached mmcv wheel from $WHEEL_DIR"
   fi
-  "${PIP[@]}" install -q --no-deps "$WHEEL_DIR"/mmcv-*.whl
+  quiet "${PIP[@]}" install -q --no-deps "$WHEEL_DIR"/mmcv-*.whl
 fi
 
 say "installing mmengine, mmdet, mmsegmentation, timm and the rest"
-"${PIP[@]}" install -q -c "$CONSTRAINTS" 'mmengine==0.10.7' 'mmdet==3.3.0' 'mmsegmentation==1.2.2' \
+quiet "${PIP[@]}" install -q -c "$CONSTRAINTS" 'mmengine==0.10.7' 'mmdet==3.3.0' 'mmsegmentation==1.2.2' \
   'timm>=1.0,<1.1' ftfy regex pytest 'opencv-python<4.12' addict yapf pycocotools
 # mmcv's own runtime deps (it was installed with --no-deps)
-"${PIP[@]}" install -q -c "$CONSTRAINTS" addict packaging Pillow pyyaml yapf
+quiet "${PIP[@]}" install -q -c "$CONSTRAINTS" addict packaging Pillow pyyaml yapf
 
 say "installing pale_mm (editable)"
-"${PIP[@]}" install -q -c "$CONSTRAINTS" --no-build-isolation -e "$ROOT"
+quiet "${PIP[@]}" install -q -c "$CONSTRAINTS" --no-build-isolation -e "$ROOT"
 
 say "checking imports"
 check_imports

@@ -1,0 +1,9 @@
+"""Model code: one backbone per file, plus shared layers. Framework registration
+lives outside this package (``pale_mm.registration``, ``pale_mm.timm_models``)."""
+from .classifier import ClassifierMixin
+from .layers import ConvPatchEmbed, DropPath, Mlp
+from .pale_attention import PSAttention, pale_attention
+from .pale_transformer import PaleBlock, PaleClassifier, PaleTransformer
+
+__all__ = ['pale_attention', 'PSAttention', 'PaleBlock', 'PaleTransformer', 'PaleClassifier',
+           'ClassifierMixin', 'ConvPatchEmbed', 'DropPath', 'Mlp']

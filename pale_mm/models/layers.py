@@ -1,0 +1,123 @@
+"""Layers shared by the Pale, LIT and ScalableViT backbones.
+
+Token maps travel between blocks channels-last, as ``(B, H, W, C)`` tensors; a
+conv sees them through the free ``permute(0, 3, 1, 2)`` view (channels-last memory).
+"""
+from typing import Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ['to_pair', 'check_pale_size', 'DropPath', 'Mlp', 'ConvPatchEmbed',
+           'check_image', 'checkpoint_block']
+
+
+def to_pair(value) -> Tuple[int, int]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f'expected an int or a pair, got {value!r}')
+        return tuple(value)
+    return value, value
+
+
+def check_pale_size(pale_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    """Validate a pale size ``sr`` or ``(sr, sc)``; returns ``(sr, sc)``."""
+    pair = to_pair(pale_size)
+    for s in pair:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise TypeError(f'pale_size must be an int or a pair of ints, got {pale_size!r}')
+        if s < 1:
+            raise ValueError(f'pale_size must be >= 1, got {pale_size!r}')
+    return pair
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (identity in eval mode or at rate 0)."""
+
+    def __init__(self, drop_prob: float = 0.):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0. or not self.training:
+            return x
+        keep = 1. - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f'drop_prob={self.drop_prob:.3f}'
+
+
+class Mlp(nn.Module):
+    """Linear C -> hidden, GELU, Linear hidden -> C (on the last dim)."""
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class ConvPatchEmbed(nn.Module):
+    """Strided conv then LayerNorm: ``(B, C_in, H, W)`` -> ``(B, H', W', C_out)``
+    with ``H' = floor((H + 2p - k) / s) + 1`` (ceil(H/s) for the Pale stem and
+    merges)."""
+
+    def __init__(self, in_channels: int, embed_dims: int, kernel_size: int, stride: int,
+                 padding: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, embed_dims, kernel_size, stride, padding)
+        self.norm = nn.LayerNorm(embed_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+def check_image(x, in_channels: int, owner: str):
+    """Raise a clear error unless ``x`` is a ``(B, in_channels, H, W)`` tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f'{owner} expects a torch.Tensor, got {type(x).__name__}')
+    if x.dim() != 4:
+        raise ValueError(f'{owner} expects a 4-D (B, C, H, W) image tensor, got a '
+                         f'{x.dim()}-D tensor of shape {tuple(x.shape)}')
+    if x.shape[1] != in_channels:
+        raise ValueError(f'{owner} was built with in_channels={in_channels} but got an '
+                         f'input with {x.shape[1]} channels (shape {tuple(x.shape)})')
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f'{owner} got an empty image of shape {tuple(x.shape)}')
+
+
+def _set_bn_stat_updates(module: nn.Module, flag: bool):
+    for m in module.modules():
+        if hasattr(m, 'update_bn_stats'):
+            m.update_bn_stats = flag
+
+
+def checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run ``block(x)`` under non-reentrant activation checkpointing.
+
+    Non-reentrant checkpointing keeps gradients of parameters whose inputs do not
+    require grad (frozen earlier stages) and restores the RNG state, so dropout and
+    drop path replay exactly. Modules exposing ``update_bn_stats`` skip updating
+    BatchNorm running statistics during the recompute, so they move once per step
+    as without checkpointing.
+    """
+    calls = [0]
+
+    def run(inp):
+        calls[0] += 1
+        if calls[0] == 1:
+            return block(inp)
+        _set_bn_stat_updates(block, False)
+        try:
+            return block(inp)
+        finally:
+            _set_bn_stat_updates(block, True)
+
+    return checkpoint(run, x, use_reentrant=False)

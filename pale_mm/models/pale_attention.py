@@ -1,0 +1,232 @@
+"""Pale-shaped self-attention (PS-Attention), arXiv 2112.14000.
+
+The channels are split in two halves. The first half attends inside *row groups*:
+with ``G = ceil(H / sr)`` groups, row ``r`` belongs to group ``r % G``, so a group
+holds ``sr`` rows interlaced over the whole height, each at full width. The second
+half does the same with columns. Together a token sees its *pale*: ``sr`` interlaced
+rows plus ``sc`` interlaced columns.
+
+Sizes that are not multiples of the pale size are padded at the bottom / right and
+the padded tokens are masked out as keys, so results for real tokens never depend on
+what the padding holds (see ``shared/design/pale.md``).
+"""
+from typing import Dict, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import check_pale_size, to_pair
+
+__all__ = ['pale_attention', 'PSAttention', 'pale_groups']
+
+
+def pale_groups(length: int, size: int) -> Tuple[int, int]:
+    """Return ``(G, s)`` for one axis: the number of groups ``G = ceil(length /
+    size)`` and the number of interlaced lines per group ``s = ceil(length / G)``.
+
+    Row ``r`` belongs to group ``r % G``. ``s <= size``; using ``s`` rather than
+    ``size`` as the padded extent changes nothing for real tokens (the groups are
+    the same) but pads less, e.g. 16 rows with size 7 pad to 18, not 21.
+    """
+    groups = -(-length // size)
+    return groups, -(-length // groups)
+
+
+_MASK_CACHE: Dict[tuple, torch.Tensor] = {}
+
+
+def _key_mask(length: int, other: int, size: int, device) -> Union[torch.Tensor, None]:
+    """Boolean key mask ``(G, 1, 1, s*other)`` for one branch, or ``None`` when
+    nothing is padded. Key ``(i, j)`` of group ``g`` is the line ``i*G + g``;
+    it is real iff that line is ``< length``. Cached per shape and device."""
+    groups, lines = pale_groups(length, size)
+    if groups * lines == length:
+        return None
+    key = (length, other, size, str(device))
+    mask = _MASK_CACHE.get(key)
+    if mask is None:
+        line = torch.arange(lines, device=device).view(1, lines) * groups \
+            + torch.arange(groups, device=device).view(groups, 1)
+        mask = (line < length).view(groups, lines, 1).expand(groups, lines, other)
+        mask = mask.reshape(groups, 1, 1, lines * other)
+        if len(_MASK_CACHE) > 256:
+            _MASK_CACHE.clear()
+        _MASK_CACHE[key] = mask
+    return mask
+
+
+def _branch_attention(qkv: torch.Tensor, size: int, num_heads: int,
+                      attn_drop: float) -> torch.Tensor:
+    """Attention inside interlaced row groups.
+
+    Args:
+        qkv: ``(3, B, H, W, c)``, q/k/v stacked on the first axis (may be a
+            strided view). The groups run along H.
+        size: lines per group (``sr``).
+    Returns:
+        ``(B, H, W, c)``.
+    """
+    _, B, H, W, c = qkv.shape
+    groups, lines = pale_groups(H, size)
+    pad = groups * lines - H
+    if pad:
+        qkv = F.pad(qkv, (0, 0, 0, 0, 0, pad))
+    head_dim = c // num_heads
+    # (3, B, lines, G, W, heads, d) -> (3, B, G, heads, lines, W, d) -> (3, B*G, heads, L, d)
+    qkv = qkv.reshape(3, B, lines, groups, W, num_heads, head_dim)
+    qkv = qkv.permute(0, 1, 3, 5, 2, 4, 6).reshape(3, B * groups, num_heads, lines * W, head_dim)
+    mask = _key_mask(H, W, size, qkv.device)
+    if mask is not None:
+        mask = mask.unsqueeze(0).expand(B, -1, -1, -1, -1).reshape(B * groups, 1, 1, lines * W)
+    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask,
+                                         dropout_p=attn_drop, scale=head_dim ** -0.5)
+    # (B*G, heads, lines*W, d) -> (B, lines, G, W, heads, d) -> (B, Hp, W, c)
+    out = out.reshape(B, groups, num_heads, lines, W, head_dim).permute(0, 3, 1, 4, 2, 5)
+    out = out.reshape(B, lines * groups, W, c)
+    return out[:, :H] if pad else out
+
+
+def _check_heads(channels: int, num_heads: int):
+    if num_heads < 2 or num_heads % 2:
+        raise ValueError(f'PS-Attention splits the heads between a row and a column branch, '
+                         f'so num_heads must be even and >= 2, got {num_heads}')
+    if channels % num_heads:
+        raise ValueError(f'embed dims {channels} cannot be split into two branches of '
+                         f'{num_heads // 2} heads each: {channels} is not divisible by '
+                         f'num_heads={num_heads}')
+
+
+def pale_attention_stacked(qkv: torch.Tensor, pale_size: Tuple[int, int], num_heads: int,
+                           attn_drop: float = 0.) -> torch.Tensor:
+    """PS-Attention on stacked q/k/v of shape ``(3, B, H, W, C)``; returns
+    ``(B, H, W, C)``. The first ``C/2`` channels form the row branch, the rest the
+    column branch, each with ``num_heads // 2`` heads."""
+    _, B, H, W, C = qkv.shape
+    c = C // 2
+    sr, sc = pale_size
+    heads = num_heads // 2
+    out = qkv.new_empty(B, H, W, C)
+    out[..., :c] = _branch_attention(qkv[..., :c], sr, heads, attn_drop)
+    out_col = _branch_attention(qkv[..., c:].transpose(2, 3), sc, heads, attn_drop)
+    out[..., c:] = out_col.transpose(1, 2)
+    return out
+
+
+def pale_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   hw_shape: Sequence[int], pale_size: Union[int, Sequence[int]],
+                   num_heads: int) -> torch.Tensor:
+    """Pale-shaped attention of already-projected tokens.
+
+    Args:
+        q, k, v: ``(B, H*W, C)``.
+        hw_shape: ``(H, W)``.
+        pale_size: ``sr`` (= ``sc``) or ``(sr, sc)``.
+        num_heads: total heads; ``num_heads // 2`` per branch.
+    Returns:
+        ``(B, H*W, C)`` before the output projection. Scale is ``head_dim ** -0.5``
+        with ``head_dim = (C/2) / (num_heads/2)``.
+    """
+    for name, t in (('q', q), ('k', k), ('v', v)):
+        if t.dim() != 3:
+            raise ValueError(f'pale_attention expects {name} of shape (B, H*W, C), '
+                             f'got a {t.dim()}-D tensor of shape {tuple(t.shape)}')
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f'q, k and v must have the same shape, got {tuple(q.shape)}, '
+                         f'{tuple(k.shape)} and {tuple(v.shape)}')
+    H, W = hw_shape
+    B, N, C = q.shape
+    if N != H * W:
+        raise ValueError(f'hw_shape {tuple(hw_shape)} gives {H * W} tokens but the inputs '
+                         f'have {N}')
+    pale_size = check_pale_size(pale_size)
+    _check_heads(C, num_heads)
+    qkv = torch.stack((q, k, v)).view(3, B, H, W, C)
+    return pale_attention_stacked(qkv, pale_size, num_heads).view(B, N, C)
+
+
+class PSAttention(nn.Module):
+    """Pale-shaped self-attention with CvT-style separable-conv Q/K/V.
+
+    Q, K and V each come from a depthwise 3x3 conv, BatchNorm and a pointwise
+    C->C projection, run on the full map before the channel split. The three
+    depthwise convs are stored as one grouped conv ``qkv_dw`` (``C -> 3C``,
+    ``groups=C``: output channel ``3*i + t`` is branch ``t`` (q, k, v) of input
+    channel ``i``), ``qkv_bn`` normalises those ``3C`` channels, and the three
+    pointwise projections are stored as one Linear ``qkv`` whose weight rows
+    ``[t*C:(t+1)*C]`` project branch ``t`` only (it is applied block-diagonally).
+
+    Args:
+        embed_dims: channels C.
+        num_heads: total heads, even; each branch gets half.
+        pale_size: ``sr`` (= ``sc``) or ``(sr, sc)``.
+        qkv_bias: bias in the pointwise Q/K/V projections.
+        attn_drop_rate, proj_drop_rate: dropout on attention weights / output.
+    """
+
+    def __init__(self, embed_dims: int, num_heads: int, pale_size=7, qkv_bias: bool = True,
+                 attn_drop_rate: float = 0., proj_drop_rate: float = 0.):
+        super().__init__()
+        _check_heads(embed_dims, num_heads)
+        self.embed_dims = embed_dims
+        self.num_heads = num_heads
+        self.pale_size = check_pale_size(pale_size)
+        self.head_dim = embed_dims // num_heads
+        self.attn_drop_rate = attn_drop_rate
+        self.qkv_dw = nn.Conv2d(embed_dims, 3 * embed_dims, 3, padding=1, groups=embed_dims,
+                                bias=False)
+        self.qkv_bn = nn.BatchNorm2d(3 * embed_dims)
+        self.qkv = nn.Linear(embed_dims, 3 * embed_dims, bias=qkv_bias)
+        self.proj = nn.Linear(embed_dims, embed_dims)
+        self.proj_drop = nn.Dropout(proj_drop_rate)
+        # Cleared while gradient checkpointing recomputes a block, so that
+        # BatchNorm running statistics are updated once per step, not twice.
+        self.update_bn_stats = True
+
+    def extra_repr(self) -> str:
+        return f'embed_dims={self.embed_dims}, num_heads={self.num_heads}, ' \
+               f'pale_size={self.pale_size}'
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> stacked (3, B, H, W, C)."""
+        B, H, W, C = x.shape
+        y = F.conv2d(x.permute(0, 3, 1, 2), self.qkv_dw.weight, None, 1, 1, 1, C)
+        bn = self.qkv_bn
+        if bn.training:  # follows the BN module itself, so norm_eval applies
+            # batch statistics; running statistics are updated unless a
+            # gradient-checkpoint recompute is running (they were updated already).
+            if self.update_bn_stats:
+                bn.num_batches_tracked.add_(1)
+                momentum = bn.momentum if bn.momentum is not None \
+                    else 1.0 / float(bn.num_batches_tracked)
+                y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                 True, momentum, bn.eps)
+            else:
+                y = F.batch_norm(y, None, None, bn.weight, bn.bias, True, 0., bn.eps)
+        else:
+            y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                             False, 0., bn.eps)
+        # channels are (C, 3)-interleaved; y is channels-last in memory.
+        y = y.permute(0, 2, 3, 1).reshape(B * H * W, C, 3).permute(2, 0, 1)
+        w = self.qkv.weight.view(3, C, C).transpose(1, 2)
+        if self.qkv.bias is not None:
+            out = torch.baddbmm(self.qkv.bias.view(3, 1, C), y, w)
+        else:
+            out = torch.bmm(y, w)
+        return out.view(3, B, H, W, C)
+
+    def forward(self, x: torch.Tensor, hw_shape: Sequence[int]) -> torch.Tensor:
+        """x: ``(B, H*W, C)`` -> ``(B, H*W, C)``."""
+        if x.dim() != 3:
+            raise ValueError(f'PSAttention expects (B, H*W, C) tokens, got a {x.dim()}-D '
+                             f'tensor of shape {tuple(x.shape)}')
+        B, N, C = x.shape
+        H, W = hw_shape
+        if N != H * W or C != self.embed_dims:
+            raise ValueError(f'PSAttention({self.embed_dims}) got tokens of shape '
+                             f'{tuple(x.shape)} for hw_shape {tuple(hw_shape)}')
+        qkv = self._qkv(x.reshape(B, H, W, C))
+        out = pale_attention_stacked(qkv, self.pale_size, self.num_heads,
+                                     self.attn_drop_rate if self.training else 0.)
+        out = self.proj_drop(self.proj(out.view(B, N, C)))
+        return out

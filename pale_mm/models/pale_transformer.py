@@ -1,0 +1,265 @@
+"""Pale Transformer backbone (arXiv 2112.14000), see ``shared/design/pale.md``.
+
+One implementation serves mmdet/mmseg (``PaleTransformer``, a tuple of NCHW maps
+at strides 4/8/16/32) and timm (``PaleClassifier``, final norm + pool + Linear).
+Both share the modules and the parameter names of the body:
+
+- ``patch_embeds.0``: stem, Conv 7x7/s4/p3 + LayerNorm.
+- ``patch_embeds.{i}`` (i >= 1): merge, Conv 3x3/s2/p1 C -> 2C + LayerNorm.
+- ``stages.{i}.{j}``: Pale blocks.
+- ``norm{i}``: per-stage output LayerNorm of the dense-prediction backbone.
+- ``norm``, ``head``: the classifier's final LayerNorm and Linear.
+"""
+import copy
+import warnings
+from typing import Iterator, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import trunc_normal_
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .classifier import ClassifierMixin
+from .layers import (ConvPatchEmbed, DropPath, Mlp, check_image, check_pale_size,
+                     checkpoint_block)
+from .pale_attention import PSAttention
+
+__all__ = ['PaleBlock', 'PaleTransformer', 'PaleClassifier']
+
+
+class PaleBlock(nn.Module):
+    """``x + CPE(x)``, then pre-norm PS-Attention and MLP with drop path.
+    Input and output are ``(B, H, W, C)``."""
+
+    def __init__(self, embed_dims: int, num_heads: int, pale_size=7, mlp_ratio: float = 4.,
+                 qkv_bias: bool = True, drop_rate: float = 0., attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0.):
+        super().__init__()
+        self.cpe = nn.Conv2d(embed_dims, embed_dims, 3, padding=1, groups=embed_dims)
+        self.norm1 = nn.LayerNorm(embed_dims)
+        self.attn = PSAttention(embed_dims, num_heads, pale_size, qkv_bias=qkv_bias,
+                                attn_drop_rate=attn_drop_rate, proj_drop_rate=drop_rate)
+        self.drop_path = DropPath(drop_path_rate)
+        self.norm2 = nn.LayerNorm(embed_dims)
+        self.mlp = Mlp(embed_dims, int(embed_dims * mlp_ratio), drop=drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        x = x + self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        attn = self.attn(self.norm1(x).view(B, H * W, C), (H, W))
+        x = x + self.drop_path(attn.view(B, H, W, C))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
+
+
+class PaleTransformer(BaseModule):
+    """Pale Transformer backbone for mmdet / mmseg.
+
+    Args:
+        arch (str | dict): 'tiny', 'small' or 'base', or a dict with keys
+            ``embed_dims`` (int, doubled per stage, or a list), ``depths`` and
+            ``num_heads`` (lists, one entry per stage).
+        pale_size (int | Sequence): pale size ``sr = sc``, one for all stages or one
+            per stage (each an int or an ``(sr, sc)`` pair). Default 7.
+        in_channels (int): image channels. Default 3.
+        mlp_ratio (float): MLP hidden ratio. Default 4.
+        qkv_bias (bool): bias in the Q/K/V pointwise projections. Default True.
+        drop_rate, attn_drop_rate (float): dropout rates. Default 0.
+        drop_path_rate (float): stochastic depth, linearly increasing over all
+            blocks. Default 0.1.
+        out_indices (Sequence[int]): stages whose normed output is returned.
+        frozen_stages (int): -1 freezes nothing; 0 freezes the stem; ``k >= 1``
+            also freezes stages ``0..k-1`` with their patch merges and output norms.
+            Applied at construction and on every ``train()``.
+        norm_eval (bool): keep BatchNorm layers in eval mode during training.
+        with_cp (bool): gradient checkpointing per block.
+        pretrained (str, deprecated): use ``init_cfg`` instead.
+        init_cfg (dict, optional): e.g. ``dict(type='Pretrained', checkpoint=...)``.
+    """
+    arch_zoo = {
+        'tiny': dict(embed_dims=[64, 128, 256, 512], depths=[2, 2, 16, 2],
+                     num_heads=[2, 4, 8, 16]),
+        'small': dict(embed_dims=[96, 192, 384, 768], depths=[2, 2, 16, 2],
+                      num_heads=[4, 8, 16, 32]),
+        'base': dict(embed_dims=[128, 256, 512, 1024], depths=[2, 2, 16, 2],
+                     num_heads=[4, 8, 16, 32]),
+    }
+
+    def __init__(self, arch='tiny', pale_size=7, in_channels: int = 3, mlp_ratio: float = 4.,
+                 qkv_bias: bool = True, drop_rate: float = 0., attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1, out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1, norm_eval: bool = False, with_cp: bool = False,
+                 pretrained=None, init_cfg=None):
+        if pretrained is not None:
+            if not isinstance(pretrained, str):
+                raise TypeError(f'pretrained must be a str (a checkpoint path or URL) or '
+                                f'None, got {type(pretrained).__name__}')
+            if init_cfg is not None:
+                raise ValueError('init_cfg and pretrained cannot be set at the same time')
+            warnings.warn('PaleTransformer: pretrained is deprecated, use '
+                          'init_cfg=dict(type="Pretrained", checkpoint=...) instead',
+                          DeprecationWarning)
+            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
+        super().__init__(init_cfg=init_cfg)
+
+        arch = self._parse_arch(arch)
+        self.embed_dims: List[int] = arch['embed_dims']
+        self.depths: List[int] = arch['depths']
+        self.num_heads: List[int] = arch['num_heads']
+        self.num_stages = len(self.depths)
+        self.in_channels = in_channels
+        self.pale_sizes = self._parse_pale_size(pale_size, self.num_stages)
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f'in_channels must be a positive int, got {in_channels!r}')
+
+        if isinstance(out_indices, int):
+            out_indices = [out_indices]
+        out_indices = [i + self.num_stages if i < 0 else i for i in out_indices]
+        for i in out_indices:
+            if not 0 <= i < self.num_stages:
+                raise ValueError(f'out_indices {tuple(out_indices)} out of range for '
+                                 f'{self.num_stages} stages')
+        self.out_indices = tuple(out_indices)
+        if not -1 <= frozen_stages <= self.num_stages:
+            raise ValueError(f'frozen_stages must be in [-1, {self.num_stages}], '
+                             f'got {frozen_stages}')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.with_cp = with_cp
+
+        dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        self.patch_embeds = nn.ModuleList()
+        self.stages = nn.ModuleList()
+        prev, cursor = in_channels, 0
+        for i, (dim, depth, heads) in enumerate(zip(self.embed_dims, self.depths,
+                                                    self.num_heads)):
+            if i == 0:
+                self.patch_embeds.append(ConvPatchEmbed(prev, dim, 7, 4, 3))
+            else:
+                self.patch_embeds.append(ConvPatchEmbed(prev, dim, 3, 2, 1))
+            self.stages.append(nn.ModuleList([
+                PaleBlock(dim, heads, self.pale_sizes[i], mlp_ratio, qkv_bias, drop_rate,
+                          attn_drop_rate, dpr[cursor + j]) for j in range(depth)]))
+            prev, cursor = dim, cursor + depth
+        for i in self.out_indices:
+            self.add_module(f'norm{i}', nn.LayerNorm(self.embed_dims[i]))
+        self._freeze_stages()
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def _parse_arch(cls, arch) -> dict:
+        if isinstance(arch, str):
+            if arch not in cls.arch_zoo:
+                raise ValueError(f'unknown {cls.__name__} arch {arch!r}; valid archs are '
+                                 f'{sorted(cls.arch_zoo)} or a dict with keys embed_dims, '
+                                 f'depths and num_heads')
+            arch = cls.arch_zoo[arch]
+        if not isinstance(arch, dict):
+            raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
+        missing = {'embed_dims', 'depths', 'num_heads'} - set(arch)
+        if missing:
+            raise ValueError(f'custom arch dict is missing keys {sorted(missing)}; it needs '
+                             f'embed_dims, depths and num_heads')
+        arch = copy.deepcopy(dict(arch))
+        depths = list(arch['depths'])
+        dims = arch['embed_dims']
+        dims = [dims * 2 ** i for i in range(len(depths))] if isinstance(dims, int) \
+            else list(dims)
+        heads = arch['num_heads']
+        heads = [heads] * len(depths) if isinstance(heads, int) else list(heads)
+        if not (len(dims) == len(depths) == len(heads)) or not depths:
+            raise ValueError(f'arch embed_dims {dims}, depths {depths} and num_heads {heads} '
+                             f'must have one entry per stage')
+        for i, (d, h) in enumerate(zip(dims, heads)):
+            if h < 2 or h % 2:
+                raise ValueError(f'stage {i}: PS-Attention splits heads between a row and a '
+                                 f'column branch, so num_heads must be even, got {h}')
+            if d % h:
+                raise ValueError(f'stage {i}: embed dims {d} cannot be split into two '
+                                 f'branches of {h // 2} heads: {d} is not divisible by {h}')
+        return dict(embed_dims=dims, depths=depths, num_heads=heads)
+
+    @staticmethod
+    def _parse_pale_size(pale_size, num_stages: int) -> List[Tuple[int, int]]:
+        if isinstance(pale_size, (list, tuple)) and len(pale_size) == num_stages and \
+                not (num_stages == 2 and all(isinstance(p, int) for p in pale_size)):
+            return [check_pale_size(p) for p in pale_size]
+        if isinstance(pale_size, (list, tuple)) and len(pale_size) != 2:
+            raise ValueError(f'pale_size must be an int, an (sr, sc) pair or one entry per '
+                             f'stage ({num_stages}), got {pale_size!r}')
+        return [check_pale_size(pale_size)] * num_stages
+
+    # ----------------------------------------------------------------- forward
+    def _forward_stages(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Yield each stage's output as ``(B, H, W, C)`` (before output norms)."""
+        for i, (embed, blocks) in enumerate(zip(self.patch_embeds, self.stages)):
+            x = embed(x if i == 0 else x.permute(0, 3, 1, 2))
+            for blk in blocks:
+                if self.with_cp and self.training and torch.is_grad_enabled():
+                    x = checkpoint_block(blk, x)
+                else:
+                    x = blk(x)
+            yield x
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        check_image(x, self.in_channels, type(self).__name__)
+        outs = []
+        for i, feat in enumerate(self._forward_stages(x)):
+            if i in self.out_indices:
+                feat = getattr(self, f'norm{i}')(feat)
+                outs.append(feat.permute(0, 3, 1, 2).contiguous())
+        return tuple(outs)
+
+    # ------------------------------------------------------- train / freeze
+    def _freeze_stages(self):
+        if self.frozen_stages < 0:
+            return
+        frozen = [self.patch_embeds[0]]
+        for i in range(self.frozen_stages):
+            frozen += [self.patch_embeds[i], self.stages[i]]
+            if i in self.out_indices:
+                frozen.append(getattr(self, f'norm{i}'))
+        for m in frozen:
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
+
+    # ------------------------------------------------------------------- init
+    @staticmethod
+    def _init_module(m: nn.Module):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, (nn.LayerNorm, _BatchNorm)):
+            nn.init.constant_(m.weight, 1.0)
+            nn.init.constant_(m.bias, 0)
+
+    def init_weights(self):
+        if self.init_cfg is None:
+            self.apply(self._init_module)
+            return
+        super().init_weights()
+
+
+class PaleClassifier(ClassifierMixin, PaleTransformer):
+    """ImageNet classifier (timm ``pale_tiny`` / ``pale_small`` / ``pale_base``): the
+    backbone body plus final LayerNorm ``norm``, global average pool and ``head``."""
+
+    def __init__(self, arch='tiny', num_classes: int = 1000, in_chans: int = 3,
+                 global_pool: str = 'avg', drop_rate: float = 0., drop_path_rate: float = 0.1,
+                 **kwargs):
+        super().__init__(arch=arch, in_channels=in_chans, drop_path_rate=drop_path_rate,
+                         out_indices=(), **kwargs)
+        self._build_head(num_classes, global_pool, drop_rate)
+        self.apply(self._init_module)
