@@ -195,14 +195,14 @@ class PSAttention(nn.Module):
         if bn.training:  # follows the BN module itself, so norm_eval applies
             # batch statistics; running statistics are updated unless a
             # gradient-checkpoint recompute is running (they were updated already).
+            # (momentum 0 keeps them exactly; the op and its saved tensors stay the same)
+            momentum = 0.
             if self.update_bn_stats:
                 bn.num_batches_tracked.add_(1)
                 momentum = bn.momentum if bn.momentum is not None \
                     else 1.0 / float(bn.num_batches_tracked)
-                y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                                 True, momentum, bn.eps)
-            else:
-                y = F.batch_norm(y, None, None, bn.weight, bn.bias, True, 0., bn.eps)
+            y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                             True, momentum, bn.eps)
         else:
             y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
                              False, 0., bn.eps)

@@ -1,0 +1,87 @@
+"""Compatibility shims for the installed OpenMMLab stack.
+
+``allow_numpy_in_checkpoints``: torch >= 2.6 loads checkpoints with
+``weights_only=True`` by default, and mmengine 0.10.x calls ``torch.load`` without
+the argument. Every checkpoint the mmengine ``Runner`` saves holds numpy values in
+its ``meta`` (the seed, dataset palettes, the message hub's ``HistoryBuffer``s), so
+``--resume`` and ``load_from`` fail with ``UnpicklingError: Weights only load
+failed``. Instead of turning ``weights_only`` off (which would allow arbitrary code
+on load), this allow-lists the few plain-data numpy types and mmengine's ``HistoryBuffer``
+that such checkpoints need.
+"""
+import pickle
+
+import torch
+
+__all__ = ['allow_numpy_in_checkpoints', 'numpy_safe_globals', 'mmengine_safe_globals']
+
+_DONE = False
+
+
+def numpy_safe_globals() -> list:
+    """The numpy callables and types found in mmengine-saved checkpoints.
+
+    Only data constructors: array reconstruction, dtype objects and scalars. No
+    callable here can run code beyond building a numpy value."""
+    import numpy as np
+    try:  # numpy >= 1.25 exposes the private core under ``numpy._core`` too
+        from numpy.core import multiarray
+    except ImportError:  # pragma: no cover - numpy 2 without the alias
+        from numpy._core import multiarray  # type: ignore
+    safe = [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype]
+    # Concrete dtype classes (numpy >= 1.25: ``numpy.dtypes.Float64DType`` ...).
+    dtypes = getattr(np, 'dtypes', None)
+    if dtypes is not None:
+        safe += [getattr(dtypes, name) for name in dir(dtypes)
+                 if name.endswith('DType') and isinstance(getattr(dtypes, name), type)]
+    else:  # pragma: no cover - old numpy: dtype classes are ``type(np.dtype(x))``
+        safe += [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int8,
+                                              np.int16, np.int32, np.int64, np.uint8,
+                                              np.bool_)]
+    return safe
+
+
+def _history_buffer_getattr(obj, name: str):
+    """Stand-in for ``builtins.getattr`` while unpickling with ``weights_only``.
+
+    A ``HistoryBuffer`` pickles its statistics methods as
+    ``getattr(HistoryBuffer, 'mean')``. Allow-listing the real ``getattr`` would let a
+    checkpoint reach any attribute of any allowed object, so this resolves only the
+    statistics methods of ``HistoryBuffer`` and refuses everything else."""
+    from mmengine.logging.history_buffer import HistoryBuffer
+    allowed = {'min', 'max', 'current', 'mean', *HistoryBuffer._statistics_methods}
+    if obj is HistoryBuffer and isinstance(name, str) and name in allowed:
+        return getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(
+        f'pale_mm.compat: refusing getattr({obj!r}, {name!r}) in a weights_only load; '
+        f'only HistoryBuffer statistics methods are allowed. Load the file with '
+        f'weights_only=False only if you trust its source.')
+
+
+def mmengine_safe_globals() -> list:
+    """mmengine's plain-data classes pickled into Runner checkpoints: the message
+    hub's ``HistoryBuffer`` (numpy arrays of logged scalars), whose statistics methods
+    are pickled through ``getattr`` (resolved by a restricted stand-in)."""
+    try:
+        from mmengine.logging.history_buffer import HistoryBuffer
+    except ImportError:  # pragma: no cover - mmengine not installed
+        return []
+    return [HistoryBuffer, (_history_buffer_getattr, 'builtins.getattr')]
+
+
+def allow_numpy_in_checkpoints() -> bool:
+    """Allow-list numpy data types for ``torch.load(weights_only=True)``.
+
+    Idempotent; a no-op (returns False) on torch builds without
+    ``torch.serialization.add_safe_globals`` (torch < 2.4), where the default load
+    is not restricted anyway. Returns True when the allow-list was installed.
+    """
+    global _DONE
+    if _DONE:
+        return True
+    add = getattr(torch.serialization, 'add_safe_globals', None)
+    if add is None:
+        return False
+    add(numpy_safe_globals() + mmengine_safe_globals())
+    _DONE = True
+    return True

@@ -1,0 +1,204 @@
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from pale_mm.models import PaleTransformer
+
+TINY = dict(embed_dims=16, depths=[1, 2, 1, 1], num_heads=[2, 2, 4, 4])
+
+
+def _small(**kw):
+    kw.setdefault('arch', TINY)
+    return PaleTransformer(**kw)
+
+
+@pytest.mark.parametrize('size,expected', [
+    ((511, 511), [(128, 128), (64, 64), (32, 32), (16, 16)]),
+    ((112, 137), [(28, 35), (14, 18), (7, 9), (4, 5)]),
+    ((224, 224), [(56, 56), (28, 28), (14, 14), (7, 7)]),
+    ((33, 17), [(9, 5), (5, 3), (3, 2), (2, 1)]),
+    ((1, 1), [(1, 1)] * 4),
+])
+def test_output_pyramid(size, expected):
+    model = _small().eval()
+    with torch.no_grad():
+        outs = model(torch.randn(2, 3, *size))
+    assert isinstance(outs, tuple) and len(outs) == 4
+    for i, (o, hw) in enumerate(zip(outs, expected)):
+        assert o.shape == (2, 16 * 2 ** i) + hw
+        assert o.is_contiguous() and torch.isfinite(o).all()
+
+
+def test_tiny_arch_channels_and_norms():
+    model = PaleTransformer('tiny', out_indices=(1, 3)).eval()
+    assert model.embed_dims == [64, 128, 256, 512]
+    assert hasattr(model, 'norm1') and hasattr(model, 'norm3') and not hasattr(model, 'norm0')
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, 64, 96))
+    assert [tuple(o.shape) for o in outs] == [(1, 128, 8, 12), (1, 512, 2, 3)]
+
+
+def test_per_stage_pale_size_and_pairs():
+    model = _small(pale_size=[3, (2, 5), 7, 1])
+    assert model.pale_sizes == [(3, 3), (2, 5), (7, 7), (1, 1)]
+    assert model.stages[1][0].attn.pale_size == (2, 5)
+    model = _small(pale_size=(3, 4))
+    assert model.pale_sizes == [(3, 4)] * 4
+
+
+def test_train_returns_self_and_eval_chains():
+    model = _small()
+    assert model.train() is model
+    assert model.eval() is model
+
+
+def test_frozen_stages():
+    model = _small(frozen_stages=2)
+    frozen = ['patch_embeds.0', 'patch_embeds.1', 'stages.0', 'stages.1', 'norm0', 'norm1']
+    for name, p in model.named_parameters():
+        is_frozen = any(name.startswith(f + '.') for f in frozen)
+        assert p.requires_grad == (not is_frozen), name
+    model.train()
+    for name, m in model.named_modules():
+        if any(name == f or name.startswith(f + '.') for f in frozen):
+            assert not m.training, name
+    assert model.stages[2].training and model.norm2.training
+    # frozen parts really stay fixed through an optimizer step
+    before = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    sum(o.sum() for o in model(torch.randn(2, 3, 64, 64))).backward()
+    opt.step()
+    after = model.state_dict()
+    for k in before:
+        same = torch.equal(before[k], after[k])
+        if any(k.startswith(f + '.') for f in frozen):
+            assert same, k  # includes BN running stats of frozen stages
+    assert not torch.equal(before['stages.2.0.mlp.fc1.weight'], after['stages.2.0.mlp.fc1.weight'])
+
+
+def test_frozen_stem_only():
+    model = _small(frozen_stages=0)
+    assert not any(p.requires_grad for p in model.patch_embeds[0].parameters())
+    assert all(p.requires_grad for p in model.stages[0].parameters())
+
+
+def test_norm_eval():
+    model = _small(norm_eval=True).train()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(not m.training for m in bns)
+    assert model.stages[0][0].attn.training  # only BN layers are switched
+    stats = copy.deepcopy(bns[0].running_mean)
+    model(torch.randn(2, 3, 32, 32))
+    assert torch.equal(stats, bns[0].running_mean)
+    model = _small(norm_eval=False).train()
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    stats = copy.deepcopy(bn.running_mean)
+    model(torch.randn(2, 3, 32, 32))
+    assert not torch.equal(stats, bn.running_mean)
+
+
+def test_with_cp_same_outputs_grads_and_bn_stats():
+    torch.manual_seed(0)
+    ref = _small(drop_path_rate=0.3, drop_rate=0.1, attn_drop_rate=0.1).train()
+    cp = copy.deepcopy(ref)
+    cp.with_cp = True
+    x = torch.randn(2, 3, 45, 38)
+    outs = []
+    for m in (ref, cp):
+        torch.manual_seed(42)
+        o = m(x)
+        sum((oi * torch.arange(oi.numel()).view_as(oi).sin()).sum() for oi in o).backward()
+        outs.append(o)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for (n, p), (_, q) in zip(ref.named_parameters(), cp.named_parameters()):
+        assert p.grad is not None, n
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
+    for (n, b1), (_, b2) in zip(ref.named_buffers(), cp.named_buffers()):
+        assert torch.equal(b1, b2), n  # BN running stats updated once, not twice
+
+
+def test_with_cp_and_frozen_stages_keep_gradients():
+    model = _small(with_cp=True, frozen_stages=1).train()
+    sum(o.sum() for o in model(torch.randn(1, 3, 64, 64))).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+
+
+def test_padding_invariance_end_to_end():
+    """A real image pixel's features do not depend on the image size class:
+    outputs are finite and the stage maps have no NaN from fully masked rows."""
+    model = _small().eval()
+    for hw in [(29, 31), (7, 100), (100, 7)]:
+        with torch.no_grad():
+            for o in model(torch.randn(1, 3, *hw)):
+                assert torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize('bad,match', [
+    (torch.randn(3, 32, 32), '4-D'),
+    (torch.randn(1, 1, 3, 32, 32), '4-D'),
+    (torch.randn(1, 4, 32, 32), 'in_channels=3 but got an input with 4 channels'),
+])
+def test_bad_inputs(bad, match):
+    with pytest.raises(ValueError, match=match):
+        _small()(bad)
+
+
+def test_bad_input_type():
+    with pytest.raises(TypeError, match='torch.Tensor'):
+        _small()([1, 2, 3])
+
+
+@pytest.mark.parametrize('kwargs,exc,match', [
+    (dict(arch='huge'), ValueError, r"valid archs are \['base', 'small', 'tiny'\]"),
+    (dict(arch=dict(embed_dims=16, depths=[1, 1])), ValueError, 'missing keys'),
+    (dict(arch=dict(embed_dims=16, depths=[1], num_heads=[3])), ValueError, 'even'),
+    (dict(arch=dict(embed_dims=20, depths=[1], num_heads=[8])), ValueError,
+     'cannot be split into two branches'),
+    (dict(arch=dict(embed_dims=[16, 32], depths=[1], num_heads=[2])), ValueError,
+     'one entry per stage'),
+    (dict(pale_size=0), ValueError, 'pale_size must be >= 1'),
+    (dict(pale_size=[7, 7, 0, 7]), ValueError, 'pale_size must be >= 1'),
+    (dict(pale_size=[7, 7, 7]), ValueError, 'one entry per stage'),
+    (dict(pale_size=7.0), TypeError, 'pale_size'),
+    (dict(out_indices=(0, 4)), ValueError, 'out_indices'),
+    (dict(frozen_stages=5), ValueError, 'frozen_stages'),
+    (dict(in_channels=0), ValueError, 'in_channels'),
+    (dict(pretrained=123), TypeError, 'pretrained must be a str'),
+])
+def test_bad_construction(kwargs, exc, match):
+    kwargs.setdefault('arch', TINY)
+    with pytest.raises(exc, match=match):
+        PaleTransformer(**kwargs)
+
+
+def test_pretrained_str_becomes_init_cfg():
+    with pytest.warns(DeprecationWarning, match='pretrained is deprecated'):
+        model = _small(pretrained='ckpt.pth')
+    assert model.init_cfg == dict(type='Pretrained', checkpoint='ckpt.pth')
+    with pytest.raises(ValueError, match='at the same time'):
+        _small(pretrained='a.pth', init_cfg=dict(type='Pretrained', checkpoint='b.pth'))
+
+
+def test_in_channels():
+    model = _small(in_channels=1).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 32, 32))[0].shape == (1, 16, 8, 8)
+
+
+def test_init_weights_default():
+    model = _small()
+    model.init_weights()
+    w = model.stages[0][0].mlp.fc1.weight
+    assert abs(w.std().item() - 0.02) < 0.005
+    assert torch.count_nonzero(model.stages[0][0].mlp.fc1.bias) == 0
+
+
+def test_backward_all_params_used():
+    model = _small().train()
+    sum(o.mean() for o in model(torch.randn(2, 3, 40, 40))).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
