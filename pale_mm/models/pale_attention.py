@@ -34,57 +34,71 @@ def pale_groups(length: int, size: int) -> Tuple[int, int]:
 
 
 _MASK_CACHE: Dict[tuple, torch.Tensor] = {}
+# What padded key/value slots hold. It cannot matter (they are masked); the tests
+# set it to garbage to prove that.
+_PAD_VALUE = 0.
 
 
-def _key_mask(length: int, other: int, size: int, device) -> Union[torch.Tensor, None]:
-    """Boolean key mask ``(G, 1, 1, s*other)`` for one branch, or ``None`` when
-    nothing is padded. Key ``(i, j)`` of group ``g`` is the line ``i*G + g``;
-    it is real iff that line is ``< length``. Cached per shape and device."""
+def _key_mask(length: int, other: int, size: int, batch: int, dtype,
+              device) -> Union[torch.Tensor, None]:
+    """Additive key mask ``(batch*G, 1, 1, s*other)`` (0 or -inf) for one branch, or
+    ``None`` when nothing is padded. Key ``(i, j)`` of group ``g`` is line
+    ``i*G + g``; only the last line ``i = s-1`` of groups ``g >= length - (s-1)*G``
+    is padding. Cached per shape, dtype and device."""
     groups, lines = pale_groups(length, size)
-    if groups * lines == length:
+    full = length - (lines - 1) * groups
+    if full == groups:
         return None
-    key = (length, other, size, str(device))
+    key = (length, other, size, batch, dtype, str(device))
     mask = _MASK_CACHE.get(key)
     if mask is None:
-        line = torch.arange(lines, device=device).view(1, lines) * groups \
-            + torch.arange(groups, device=device).view(groups, 1)
-        mask = (line < length).view(groups, lines, 1).expand(groups, lines, other)
-        mask = mask.reshape(groups, 1, 1, lines * other)
+        mask = torch.zeros(groups, lines * other, dtype=dtype, device=device)
+        mask[full:, (lines - 1) * other:] = float('-inf')
+        mask = mask.repeat(batch, 1).view(batch * groups, 1, 1, lines * other)
         if len(_MASK_CACHE) > 256:
             _MASK_CACHE.clear()
         _MASK_CACHE[key] = mask
     return mask
 
 
-def _branch_attention(qkv: torch.Tensor, size: int, num_heads: int,
-                      attn_drop: float) -> torch.Tensor:
-    """Attention inside interlaced row groups.
+def _branch_attention(qkv: torch.Tensor, out: torch.Tensor, size: int, num_heads: int,
+                      attn_drop: float):
+    """Attention inside interlaced row groups, written into ``out``.
 
     Args:
-        qkv: ``(3, B, H, W, c)``, q/k/v stacked on the first axis (may be a
-            strided view). The groups run along H.
+        qkv: ``(3, B, H, W, c)``, q/k/v stacked on the first axis (any strides,
+            e.g. a channel slice or a transposed view). The groups run along H.
+        out: ``(B, H, W, c)`` view that receives the result.
         size: lines per group (``sr``).
-    Returns:
-        ``(B, H, W, c)``.
+
+    Row ``r = i*G + g`` goes to group ``g``, line ``i``. Each element is copied
+    once into the grouped layout ``(3, B, G, heads, lines, W, d)``; the padded
+    tail of the last line is zero-filled and masked as keys, and its query outputs
+    are never copied back.
     """
     _, B, H, W, c = qkv.shape
     groups, lines = pale_groups(H, size)
-    pad = groups * lines - H
-    if pad:
-        qkv = F.pad(qkv, (0, 0, 0, 0, 0, pad))
-    head_dim = c // num_heads
-    # (3, B, lines, G, W, heads, d) -> (3, B, G, heads, lines, W, d) -> (3, B*G, heads, L, d)
-    qkv = qkv.reshape(3, B, lines, groups, W, num_heads, head_dim)
-    qkv = qkv.permute(0, 1, 3, 5, 2, 4, 6).reshape(3, B * groups, num_heads, lines * W, head_dim)
-    mask = _key_mask(H, W, size, qkv.device)
-    if mask is not None:
-        mask = mask.unsqueeze(0).expand(B, -1, -1, -1, -1).reshape(B * groups, 1, 1, lines * W)
-    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask,
-                                         dropout_p=attn_drop, scale=head_dim ** -0.5)
-    # (B*G, heads, lines*W, d) -> (B, lines, G, W, heads, d) -> (B, Hp, W, c)
-    out = out.reshape(B, groups, num_heads, lines, W, head_dim).permute(0, 3, 1, 4, 2, 5)
-    out = out.reshape(B, lines * groups, W, c)
-    return out[:, :H] if pad else out
+    d = c // num_heads
+    body = (lines - 1) * groups  # rows in full lines
+    full = H - body              # groups with a real last line
+    buf = qkv.new_empty(3, B, groups, num_heads, lines, W, d)
+    if body:
+        buf[:, :, :, :, :lines - 1] = qkv[:, :, :body].unflatten(2, (lines - 1, groups)) \
+            .unflatten(-1, (num_heads, d)).permute(0, 1, 3, 5, 2, 4, 6)
+    buf[:, :, :full, :, lines - 1] = qkv[:, :, body:].unflatten(-1, (num_heads, d)) \
+        .permute(0, 1, 2, 4, 3, 5)
+    if full < groups:
+        buf[:, :, full:, :, lines - 1] = _PAD_VALUE
+    q, k, v = buf.view(3, B * groups, num_heads, lines * W, d).unbind(0)
+    mask = _key_mask(H, W, size, B, q.dtype, q.device)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn_drop,
+                                       scale=d ** -0.5)
+    o = o.view(B, groups, num_heads, lines, W, d)
+    if body:
+        out[:, :body].unflatten(1, (lines - 1, groups)).unflatten(-1, (num_heads, d)) \
+            .copy_(o[:, :, :, :lines - 1].permute(0, 3, 1, 4, 2, 5))
+    out[:, body:].unflatten(-1, (num_heads, d)).copy_(
+        o[:, :full, :, lines - 1].permute(0, 1, 3, 2, 4))
 
 
 def _check_heads(channels: int, num_heads: int):
@@ -107,9 +121,9 @@ def pale_attention_stacked(qkv: torch.Tensor, pale_size: Tuple[int, int], num_he
     sr, sc = pale_size
     heads = num_heads // 2
     out = qkv.new_empty(B, H, W, C)
-    out[..., :c] = _branch_attention(qkv[..., :c], sr, heads, attn_drop)
-    out_col = _branch_attention(qkv[..., c:].transpose(2, 3), sc, heads, attn_drop)
-    out[..., c:] = out_col.transpose(1, 2)
+    _branch_attention(qkv[..., :c], out[..., :c], sr, heads, attn_drop)
+    _branch_attention(qkv[..., c:].transpose(2, 3), out[..., c:].transpose(1, 2), sc, heads,
+                      attn_drop)
     return out
 
 
@@ -189,6 +203,8 @@ class PSAttention(nn.Module):
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> stacked (3, B, H, W, C)."""
+        if not self.qkv_bn.training:
+            return self._qkv_folded(x)
         B, H, W, C = x.shape
         y = F.conv2d(x.permute(0, 3, 1, 2), self.qkv_dw.weight, None, 1, 1, 1, C)
         bn = self.qkv_bn
@@ -214,6 +230,31 @@ class PSAttention(nn.Module):
         else:
             out = torch.bmm(y, w)
         return out.view(3, B, H, W, C)
+
+    def _qkv_folded(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference form of :meth:`_qkv`: BatchNorm (running statistics) is folded
+        into the depthwise convs, and each branch's conv output (channels-last) feeds
+        its pointwise GEMM directly, written into the stacked result; no copies."""
+        B, H, W, C = x.shape
+        bn = self.qkv_bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        shift = (bn.bias - bn.running_mean * scale).view(C, 3).t()
+        dw = (self.qkv_dw.weight * scale.view(-1, 1, 1, 1)).view(C, 3, 1, 3, 3)
+        pw = self.qkv.weight.view(3, C, C)
+        bias = self.qkv.bias.view(3, C) if self.qkv.bias is not None else None
+        xc = x.permute(0, 3, 1, 2)
+        grad = torch.is_grad_enabled()  # out= has no autograd (e.g. norm_eval training)
+        out = [] if grad else x.new_empty(3, B * H * W, C)
+        for t in range(3):
+            y = F.conv2d(xc, dw[:, t].contiguous(), shift[t].contiguous(), 1, 1, 1, C)
+            y = y.permute(0, 2, 3, 1).reshape(B * H * W, C)
+            if grad:
+                out.append(F.linear(y, pw[t], None if bias is None else bias[t]))
+            elif bias is None:
+                torch.mm(y, pw[t].t(), out=out[t])
+            else:
+                torch.addmm(bias[t], y, pw[t].t(), out=out[t])
+        return (torch.stack(out) if grad else out).view(3, B, H, W, C)
 
     def forward(self, x: torch.Tensor, hw_shape: Sequence[int]) -> torch.Tensor:
         """x: ``(B, H*W, C)`` -> ``(B, H*W, C)``."""
