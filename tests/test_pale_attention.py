@@ -153,15 +153,16 @@ def test_psattention_matches_unfused_reference(qkv_bias):
         attn.qkv_bn.bias.normal_()
     x = torch.randn(2, H * W, C, dtype=torch.float64)
 
-    def reference(training):
+    def reference(training, mean, var):
         img = x.transpose(1, 2).reshape(2, C, H, W)
         bn = attn.qkv_bn
         outs = []
-        for t in range(3):  # branch t uses output channels 3*i + t of qkv_dw
-            idx = torch.arange(C) * 3 + t
+        for t in range(3):  # branch t owns channels [t*C, (t+1)*C) of qkv_dw / qkv_bn
+            idx = torch.arange(C) + t * C
             y = F.conv2d(img, attn.qkv_dw.weight[idx], None, 1, 1, 1, C)
-            y = F.batch_norm(y, bn.running_mean[idx].clone(), bn.running_var[idx].clone(),
-                             bn.weight[idx], bn.bias[idx], training, 0.1, bn.eps)
+            m, v = mean[idx].clone(), var[idx].clone()
+            y = F.batch_norm(y, m, v, bn.weight[idx], bn.bias[idx], training, 0.1, bn.eps)
+            mean[idx], var[idx] = m, v
             y = y.flatten(2).transpose(1, 2)
             b = attn.qkv.bias[t * C:(t + 1) * C] if qkv_bias else None
             outs.append(F.linear(y, attn.qkv.weight[t * C:(t + 1) * C], b))
@@ -170,5 +171,13 @@ def test_psattention_matches_unfused_reference(qkv_bias):
 
     for training in (False, True):
         attn.train(training)
+        before = attn.qkv_bn.running_mean.clone()
+        mean = attn.qkv_bn.running_mean.clone()
+        var = attn.qkv_bn.running_var.clone()
         with torch.no_grad():
-            torch.testing.assert_close(attn(x, (H, W)), reference(training))
+            torch.testing.assert_close(attn(x, (H, W)), reference(training, mean, var))
+        # running statistics: untouched in eval, updated exactly once in training
+        torch.testing.assert_close(attn.qkv_bn.running_mean, mean)
+        torch.testing.assert_close(attn.qkv_bn.running_var, var)
+        assert attn.qkv_bn.num_batches_tracked.item() == int(training)
+        assert torch.equal(attn.qkv_bn.running_mean, before) != training

@@ -10,7 +10,7 @@ Sizes that are not multiples of the pale size are padded at the bottom / right a
 the padded tokens are masked out as keys, so results for real tokens never depend on
 what the padding holds (see ``shared/design/pale.md``).
 """
-from typing import Dict, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -61,13 +61,13 @@ def _key_mask(length: int, other: int, size: int, batch: int, dtype,
     return mask
 
 
-def _branch_attention(qkv: torch.Tensor, out: torch.Tensor, size: int, num_heads: int,
-                      attn_drop: float):
+def _branch_attention(qkv: Sequence[torch.Tensor], out: torch.Tensor, size: int,
+                      num_heads: int, attn_drop: float):
     """Attention inside interlaced row groups, written into ``out``.
 
     Args:
-        qkv: ``(3, B, H, W, c)``, q/k/v stacked on the first axis (any strides,
-            e.g. a channel slice or a transposed view). The groups run along H.
+        qkv: q, k and v, each ``(B, H, W, c)`` (any strides, e.g. a channel
+            slice or a transposed view). The groups run along H.
         out: ``(B, H, W, c)`` view that receives the result.
         size: lines per group (``sr``).
 
@@ -76,17 +76,18 @@ def _branch_attention(qkv: torch.Tensor, out: torch.Tensor, size: int, num_heads
     tail of the last line is zero-filled and masked as keys, and its query outputs
     are never copied back.
     """
-    _, B, H, W, c = qkv.shape
+    B, H, W, c = qkv[0].shape
     groups, lines = pale_groups(H, size)
     d = c // num_heads
     body = (lines - 1) * groups  # rows in full lines
     full = H - body              # groups with a real last line
-    buf = qkv.new_empty(3, B, groups, num_heads, lines, W, d)
-    if body:
-        buf[:, :, :, :, :lines - 1] = qkv[:, :, :body].unflatten(2, (lines - 1, groups)) \
-            .unflatten(-1, (num_heads, d)).permute(0, 1, 3, 5, 2, 4, 6)
-    buf[:, :, :full, :, lines - 1] = qkv[:, :, body:].unflatten(-1, (num_heads, d)) \
-        .permute(0, 1, 2, 4, 3, 5)
+    buf = qkv[0].new_empty(3, B, groups, num_heads, lines, W, d)
+    for t, src in enumerate(qkv):
+        if body:
+            buf[t, :, :, :, :lines - 1] = src[:, :body].unflatten(1, (lines - 1, groups)) \
+                .unflatten(-1, (num_heads, d)).permute(0, 2, 4, 1, 3, 5)
+        buf[t, :, :full, :, lines - 1] = src[:, body:].unflatten(-1, (num_heads, d)) \
+            .permute(0, 1, 3, 2, 4)
     if full < groups:
         buf[:, :, full:, :, lines - 1] = _PAD_VALUE
     q, k, v = buf.view(3, B * groups, num_heads, lines * W, d).unbind(0)
@@ -111,19 +112,20 @@ def _check_heads(channels: int, num_heads: int):
                          f'num_heads={num_heads}')
 
 
-def pale_attention_stacked(qkv: torch.Tensor, pale_size: Tuple[int, int], num_heads: int,
-                           attn_drop: float = 0.) -> torch.Tensor:
-    """PS-Attention on stacked q/k/v of shape ``(3, B, H, W, C)``; returns
-    ``(B, H, W, C)``. The first ``C/2`` channels form the row branch, the rest the
-    column branch, each with ``num_heads // 2`` heads."""
-    _, B, H, W, C = qkv.shape
+def pale_attention_nhwc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        pale_size: Tuple[int, int], num_heads: int,
+                        attn_drop: float = 0.) -> torch.Tensor:
+    """PS-Attention on ``(B, H, W, C)`` maps (any strides); returns a new
+    ``(B, H, W, C)`` tensor. The first ``C/2`` channels form the row branch, the
+    rest the column branch, each with ``num_heads // 2`` heads. No validation."""
+    B, H, W, C = q.shape
     c = C // 2
     sr, sc = pale_size
     heads = num_heads // 2
-    out = qkv.new_empty(B, H, W, C)
-    _branch_attention(qkv[..., :c], out[..., :c], sr, heads, attn_drop)
-    _branch_attention(qkv[..., c:].transpose(2, 3), out[..., c:].transpose(1, 2), sc, heads,
-                      attn_drop)
+    out = q.new_empty(B, H, W, C)
+    _branch_attention([t[..., :c] for t in (q, k, v)], out[..., :c], sr, heads, attn_drop)
+    _branch_attention([t[..., c:].transpose(1, 2) for t in (q, k, v)],
+                      out[..., c:].transpose(1, 2), sc, heads, attn_drop)
     return out
 
 
@@ -155,20 +157,22 @@ def pale_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f'have {N}')
     pale_size = check_pale_size(pale_size)
     _check_heads(C, num_heads)
-    qkv = torch.stack((q, k, v)).view(3, B, H, W, C)
-    return pale_attention_stacked(qkv, pale_size, num_heads).view(B, N, C)
+    q, k, v = (t.view(B, H, W, C) for t in (q, k, v))
+    return pale_attention_nhwc(q, k, v, pale_size, num_heads).view(B, N, C)
 
 
 class PSAttention(nn.Module):
     """Pale-shaped self-attention with CvT-style separable-conv Q/K/V.
 
     Q, K and V each come from a depthwise 3x3 conv, BatchNorm and a pointwise
-    C->C projection, run on the full map before the channel split. The three
-    depthwise convs are stored as one grouped conv ``qkv_dw`` (``C -> 3C``,
-    ``groups=C``: output channel ``3*i + t`` is branch ``t`` (q, k, v) of input
-    channel ``i``), ``qkv_bn`` normalises those ``3C`` channels, and the three
-    pointwise projections are stored as one Linear ``qkv`` whose weight rows
-    ``[t*C:(t+1)*C]`` project branch ``t`` only (it is applied block-diagonally).
+    C->C projection, run on the full map before the channel split. The three are
+    stored fused, in blocked order (branch ``t`` = q, k, v owns channels
+    ``[t*C, (t+1)*C)``):
+
+    - ``qkv_dw``: depthwise 3x3 conv over ``[x, x, x]`` (``3C`` channels, no bias),
+    - ``qkv_bn``: BatchNorm over those ``3C`` channels,
+    - ``qkv``: Linear ``C -> 3C`` applied block-diagonally (rows ``[t*C, (t+1)*C)``
+      project branch ``t`` only).
 
     Args:
         embed_dims: channels C.
@@ -187,8 +191,8 @@ class PSAttention(nn.Module):
         self.pale_size = check_pale_size(pale_size)
         self.head_dim = embed_dims // num_heads
         self.attn_drop_rate = attn_drop_rate
-        self.qkv_dw = nn.Conv2d(embed_dims, 3 * embed_dims, 3, padding=1, groups=embed_dims,
-                                bias=False)
+        self.qkv_dw = nn.Conv2d(3 * embed_dims, 3 * embed_dims, 3, padding=1,
+                                groups=3 * embed_dims, bias=False)
         self.qkv_bn = nn.BatchNorm2d(3 * embed_dims)
         self.qkv = nn.Linear(embed_dims, 3 * embed_dims, bias=qkv_bias)
         self.proj = nn.Linear(embed_dims, embed_dims)
@@ -201,60 +205,43 @@ class PSAttention(nn.Module):
         return f'embed_dims={self.embed_dims}, num_heads={self.num_heads}, ' \
                f'pale_size={self.pale_size}'
 
-    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> stacked (3, B, H, W, C)."""
-        if not self.qkv_bn.training:
-            return self._qkv_folded(x)
+    def _qkv(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """``(B, H, W, C)`` -> ``[q, k, v]``, each ``(B, H, W, C)``.
+
+        Each branch's depthwise conv output (channels-last) feeds its pointwise
+        GEMM directly. In eval mode BatchNorm is folded into the conv; in training
+        it runs on batch statistics and updates its running statistics in place
+        (on contiguous slices), unless a checkpoint recompute is running (then
+        momentum 0 leaves them exactly as they are)."""
         B, H, W, C = x.shape
-        y = F.conv2d(x.permute(0, 3, 1, 2), self.qkv_dw.weight, None, 1, 1, 1, C)
         bn = self.qkv_bn
-        if bn.training:  # follows the BN module itself, so norm_eval applies
-            # batch statistics; running statistics are updated unless a
-            # gradient-checkpoint recompute is running (they were updated already).
-            # (momentum 0 keeps them exactly; the op and its saved tensors stay the same)
+        xc = x.permute(0, 3, 1, 2)
+        dw = self.qkv_dw.weight
+        pw = self.qkv.weight
+        pb = self.qkv.bias
+        fold = not bn.training
+        if fold:
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            shift = bn.bias - bn.running_mean * scale
+            dw = dw * scale.view(-1, 1, 1, 1)
+        else:
             momentum = 0.
             if self.update_bn_stats:
                 bn.num_batches_tracked.add_(1)
                 momentum = bn.momentum if bn.momentum is not None \
                     else 1.0 / float(bn.num_batches_tracked)
-            y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                             True, momentum, bn.eps)
-        else:
-            y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                             False, 0., bn.eps)
-        # channels are (C, 3)-interleaved; y is channels-last in memory.
-        y = y.permute(0, 2, 3, 1).reshape(B * H * W, C, 3).permute(2, 0, 1)
-        w = self.qkv.weight.view(3, C, C).transpose(1, 2)
-        if self.qkv.bias is not None:
-            out = torch.baddbmm(self.qkv.bias.view(3, 1, C), y, w)
-        else:
-            out = torch.bmm(y, w)
-        return out.view(3, B, H, W, C)
-
-    def _qkv_folded(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference form of :meth:`_qkv`: BatchNorm (running statistics) is folded
-        into the depthwise convs, and each branch's conv output (channels-last) feeds
-        its pointwise GEMM directly, written into the stacked result; no copies."""
-        B, H, W, C = x.shape
-        bn = self.qkv_bn
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        shift = (bn.bias - bn.running_mean * scale).view(C, 3).t()
-        dw = (self.qkv_dw.weight * scale.view(-1, 1, 1, 1)).view(C, 3, 1, 3, 3)
-        pw = self.qkv.weight.view(3, C, C)
-        bias = self.qkv.bias.view(3, C) if self.qkv.bias is not None else None
-        xc = x.permute(0, 3, 1, 2)
-        grad = torch.is_grad_enabled()  # out= has no autograd (e.g. norm_eval training)
-        out = [] if grad else x.new_empty(3, B * H * W, C)
+        out = []
         for t in range(3):
-            y = F.conv2d(xc, dw[:, t].contiguous(), shift[t].contiguous(), 1, 1, 1, C)
-            y = y.permute(0, 2, 3, 1).reshape(B * H * W, C)
-            if grad:
-                out.append(F.linear(y, pw[t], None if bias is None else bias[t]))
-            elif bias is None:
-                torch.mm(y, pw[t].t(), out=out[t])
+            sl = slice(t * C, (t + 1) * C)
+            if fold:
+                y = F.conv2d(xc, dw[sl], shift[sl], 1, 1, 1, C)
             else:
-                torch.addmm(bias[t], y, pw[t].t(), out=out[t])
-        return (torch.stack(out) if grad else out).view(3, B, H, W, C)
+                y = F.conv2d(xc, dw[sl], None, 1, 1, 1, C)
+                y = F.batch_norm(y, bn.running_mean[sl], bn.running_var[sl], bn.weight[sl],
+                                 bn.bias[sl], True, momentum, bn.eps)
+            y = y.permute(0, 2, 3, 1)
+            out.append(F.linear(y, pw[sl], None if pb is None else pb[sl]))
+        return out
 
     def forward(self, x: torch.Tensor, hw_shape: Sequence[int]) -> torch.Tensor:
         """x: ``(B, H*W, C)`` -> ``(B, H*W, C)``."""
@@ -266,8 +253,7 @@ class PSAttention(nn.Module):
         if N != H * W or C != self.embed_dims:
             raise ValueError(f'PSAttention({self.embed_dims}) got tokens of shape '
                              f'{tuple(x.shape)} for hw_shape {tuple(hw_shape)}')
-        qkv = self._qkv(x.reshape(B, H, W, C))
-        out = pale_attention_stacked(qkv, self.pale_size, self.num_heads,
-                                     self.attn_drop_rate if self.training else 0.)
-        out = self.proj_drop(self.proj(out.view(B, N, C)))
-        return out
+        q, k, v = self._qkv(x.reshape(B, H, W, C))
+        out = pale_attention_nhwc(q, k, v, self.pale_size, self.num_heads,
+                                  self.attn_drop_rate if self.training else 0.)
+        return self.proj_drop(self.proj(out.view(B, N, C)))
