@@ -24,12 +24,22 @@ def baddbmm_flop_jit(inputs, outputs) -> int:
     return n * c * t * get_shape(inputs[2])[-1]
 
 
+def deform_conv2d_flop_jit(inputs, outputs) -> int:
+    """``torchvision::deform_conv2d`` (DCN, used by LIT's token merging): counted as
+    the equivalent conv, ``prod(output) * C_in / groups * kh * kw`` multiply-adds
+    (the bilinear sampling is not counted, as fvcore/mmcv do not count it either)."""
+    from mmengine.analysis.jit_handles import get_shape
+    w = get_shape(inputs[1])
+    return prod(get_shape(outputs[0])) * w[1] * w[2] * w[3]
+
+
 def flop_analyzer(model: nn.Module, inputs):
     """An ``mmengine.analysis.FlopAnalyzer`` that also counts attention."""
     from mmengine.analysis import FlopAnalyzer
     analyzer = FlopAnalyzer(model, inputs)
     analyzer.set_op_handle('aten::scaled_dot_product_attention', sdpa_flop_jit,
-                           'aten::baddbmm', baddbmm_flop_jit)
+                           'aten::baddbmm', baddbmm_flop_jit,
+                           'torchvision::deform_conv2d', deform_conv2d_flop_jit)
     analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     return analyzer
 

@@ -7,9 +7,9 @@ warning naming the error, not silently skipped.
 import importlib
 import warnings
 
-from .models import PaleTransformer
+from .models import LIT, PaleTransformer, ScalableViT
 
-BACKBONES = (PaleTransformer, )
+BACKBONES = (PaleTransformer, LIT, ScalableViT)
 REGISTERED = {}
 
 

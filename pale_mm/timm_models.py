@@ -12,7 +12,7 @@ with warnings.catch_warnings():
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .models import PaleClassifier
+from .models import LITClassifier, PaleClassifier, ScalableViTClassifier
 
 
 def _cfg(**kwargs):
@@ -29,6 +29,13 @@ default_cfgs = generate_default_cfgs({
     'pale_tiny': _cfg(),
     'pale_small': _cfg(),
     'pale_base': _cfg(),
+    'lit_ti': _cfg(first_conv='patch_embed1.proj'),
+    'lit_s': _cfg(first_conv='patch_embed.proj'),
+    'lit_m': _cfg(first_conv='patch_embed.proj'),
+    'lit_b': _cfg(first_conv='patch_embed.proj'),
+    'scalablevit_s': _cfg(classifier='head.3'),
+    'scalablevit_b': _cfg(classifier='head.3'),
+    'scalablevit_l': _cfg(classifier='head.3'),
 })
 
 
@@ -55,3 +62,45 @@ def pale_small(pretrained: bool = False, **kwargs):
 def pale_base(pretrained: bool = False, **kwargs):
     """Pale-B: 85M params, 15.6G multiply-adds at 224."""
     return _create(PaleClassifier, 'pale_base', 'base', pretrained, **kwargs)
+
+
+@register_model
+def lit_ti(pretrained: bool = False, **kwargs):
+    """LIT-Ti: 19M params, 3.6G multiply-adds at 224 (paper)."""
+    return _create(LITClassifier, 'lit_ti', 'ti', pretrained, **kwargs)
+
+
+@register_model
+def lit_s(pretrained: bool = False, **kwargs):
+    """LIT-S: 27M params, 4.1G multiply-adds at 224 (paper)."""
+    return _create(LITClassifier, 'lit_s', 's', pretrained, **kwargs)
+
+
+@register_model
+def lit_m(pretrained: bool = False, **kwargs):
+    """LIT-M: 48M params, 8.6G multiply-adds at 224 (paper)."""
+    return _create(LITClassifier, 'lit_m', 'm', pretrained, **kwargs)
+
+
+@register_model
+def lit_b(pretrained: bool = False, **kwargs):
+    """LIT-B: 86M params, 15.0G multiply-adds at 224 (paper)."""
+    return _create(LITClassifier, 'lit_b', 'b', pretrained, **kwargs)
+
+
+@register_model
+def scalablevit_s(pretrained: bool = False, **kwargs):
+    """ScalableViT-S: 32.4M params, 4.2G multiply-adds at 224 (paper)."""
+    return _create(ScalableViTClassifier, 'scalablevit_s', 's', pretrained, **kwargs)
+
+
+@register_model
+def scalablevit_b(pretrained: bool = False, **kwargs):
+    """ScalableViT-B: 81.9M params, 8.6G multiply-adds at 224 (paper)."""
+    return _create(ScalableViTClassifier, 'scalablevit_b', 'b', pretrained, **kwargs)
+
+
+@register_model
+def scalablevit_l(pretrained: bool = False, **kwargs):
+    """ScalableViT-L: 104.9M params, 14.7G multiply-adds at 224 (paper)."""
+    return _create(ScalableViTClassifier, 'scalablevit_l', 'l', pretrained, **kwargs)

@@ -5,9 +5,13 @@ import warnings
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# tests/ on the path for the shared oracle (a site-packages ``tests`` package from a
+# dependency shadows ``tests.*`` imports)
+for p in (ROOT, HERE):
+    if p not in sys.path:
+        sys.path.insert(0, p)
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

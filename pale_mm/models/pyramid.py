@@ -1,0 +1,223 @@
+"""Shared plumbing of the LIT and ScalableViT backbones, and checkpoint loading.
+
+``PyramidBackbone`` holds what the dense-prediction backbones share with
+``PaleTransformer``'s interface: the ``pretrained`` -> ``init_cfg`` shim,
+``out_indices`` / ``frozen_stages`` validation, per-stage output norms ``norm{i}``,
+``train()`` with frozen stages and ``norm_eval``, ``forward`` returning NCHW maps,
+and ``init_weights`` that loads official checkpoints through ``init_cfg``.
+
+A subclass builds its modules, then calls ``self._finish_init()``; it provides
+``_forward_stages(x)`` yielding ``(B, H, W, C)`` maps, ``_stem_modules()`` and
+``_stage_modules(i)`` (the modules frozen with stage ``i``: its merge and blocks).
+
+``load_state_dict_from_checkpoint`` reads a checkpoint under
+``torch.load(weights_only=True)`` (the default of torch >= 2.6): it allow-lists
+``argparse.Namespace`` (ScalableViT and DeiT-style checkpoints store their training
+``args`` in one) and unwraps ``{'model': ...}``, ``{'state_dict': ...}`` and
+``module.`` prefixes.
+"""
+import argparse
+import warnings
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import trunc_normal_
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .layers import check_image, checkpoint_block
+
+__all__ = ['PyramidBackbone', 'allow_namespace_in_checkpoints',
+           'load_state_dict_from_checkpoint']
+
+_NAMESPACE_ALLOWED = False
+
+
+def allow_namespace_in_checkpoints() -> bool:
+    """Allow-list ``argparse.Namespace`` for ``torch.load(weights_only=True)``.
+
+    A Namespace is a plain attribute bag; unpickling one runs no code beyond setting
+    its ``__dict__``. Idempotent; returns False on torch without
+    ``torch.serialization.add_safe_globals`` (torch < 2.4, where loading is not
+    restricted anyway)."""
+    global _NAMESPACE_ALLOWED
+    if _NAMESPACE_ALLOWED:
+        return True
+    add = getattr(torch.serialization, 'add_safe_globals', None)
+    if add is None:
+        return False
+    add([argparse.Namespace])
+    _NAMESPACE_ALLOWED = True
+    return True
+
+
+def unwrap_state_dict(checkpoint, prefix: Optional[str] = None) -> dict:
+    """The state dict inside a checkpoint: ``checkpoint['state_dict']``,
+    ``checkpoint['model']`` (official LIT / ScalableViT releases), or the dict itself;
+    a leading ``module.`` (DDP) is stripped and, with ``prefix``, only keys under it are
+    kept, without it."""
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f'expected a checkpoint dict, got {type(checkpoint).__name__}')
+    state = checkpoint
+    for key in ('state_dict', 'model', 'module'):
+        if key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    state = {(k[7:] if k.startswith('module.') else k): v for k, v in state.items()}
+    if prefix:
+        prefix = prefix if prefix.endswith('.') else prefix + '.'
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise ValueError(f'no keys start with prefix {prefix!r} in the checkpoint')
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        bad = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))[:5]
+        raise ValueError(f'checkpoint does not look like a state dict: non-tensor entries '
+                         f'{bad}')
+    return state
+
+
+def load_state_dict_from_checkpoint(filename: str, map_location='cpu',
+                                    prefix: Optional[str] = None) -> dict:
+    """Read ``filename`` (a path or URL, through mmengine's loaders) with
+    ``argparse.Namespace`` allow-listed and return the unwrapped state dict."""
+    from mmengine.runner.checkpoint import _load_checkpoint
+    allow_namespace_in_checkpoints()
+    try:
+        from pale_mm.compat import allow_numpy_in_checkpoints
+        allow_numpy_in_checkpoints()
+    except ImportError:  # pragma: no cover
+        pass
+    checkpoint = _load_checkpoint(filename, map_location=map_location)
+    return unwrap_state_dict(checkpoint, prefix)
+
+
+class PyramidBackbone(BaseModule):
+    """Base of the LIT / ScalableViT dense-prediction backbones (see module doc)."""
+
+    def __init__(self, in_channels: int, num_stages: int, out_indices: Sequence[int],
+                 frozen_stages: int, norm_eval: bool, with_cp: bool, pretrained=None,
+                 init_cfg=None):
+        name = type(self).__name__
+        if pretrained is not None:
+            if not isinstance(pretrained, str):
+                raise TypeError(f'pretrained must be a str (a checkpoint path or URL) or '
+                                f'None, got {type(pretrained).__name__}')
+            if init_cfg is not None:
+                raise ValueError('init_cfg and pretrained cannot be set at the same time')
+            warnings.warn(f'{name}: pretrained is deprecated, use '
+                          f'init_cfg=dict(type="Pretrained", checkpoint=...) instead',
+                          DeprecationWarning)
+            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
+        super().__init__(init_cfg=init_cfg)
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f'in_channels must be a positive int, got {in_channels!r}')
+        self.in_channels = in_channels
+        self.num_stages = num_stages
+        if isinstance(out_indices, int):
+            out_indices = [out_indices]
+        out_indices = [i + num_stages if i < 0 else i for i in out_indices]
+        for i in out_indices:
+            if not 0 <= i < num_stages:
+                raise ValueError(f'out_indices {tuple(out_indices)} out of range for '
+                                 f'{num_stages} stages')
+        self.out_indices = tuple(out_indices)
+        if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) or \
+                not -1 <= frozen_stages <= num_stages:
+            raise ValueError(f'frozen_stages must be an int in [-1, {num_stages}], '
+                             f'got {frozen_stages!r}')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.with_cp = with_cp
+
+    def _finish_init(self, norm_eps: float = 1e-5):
+        for i in self.out_indices:
+            self.add_module(f'norm{i}', nn.LayerNorm(self.embed_dims[i], eps=norm_eps))
+        self._freeze_stages()
+
+    # ------------------------------------------------------------ to override
+    def _stem_modules(self) -> List[nn.Module]:
+        raise NotImplementedError
+
+    def _stage_modules(self, i: int) -> List[nn.Module]:
+        raise NotImplementedError
+
+    def _forward_stages(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+    def _adapt_state_dict(self, state: dict) -> dict:
+        """Hook to fit an official state dict to this model (e.g. resize tables)."""
+        return state
+
+    # ----------------------------------------------------------------- forward
+    def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.with_cp and self.training and torch.is_grad_enabled():
+            return checkpoint_block(blk, x)
+        return blk(x)
+
+    def forward(self, x: torch.Tensor):
+        check_image(x, self.in_channels, type(self).__name__)
+        outs = []
+        for i, feat in enumerate(self._forward_stages(x)):
+            if i in self.out_indices:
+                feat = getattr(self, f'norm{i}')(feat)
+                outs.append(feat.permute(0, 3, 1, 2).contiguous())
+        return tuple(outs)
+
+    # ------------------------------------------------------- train / freeze
+    def _freeze_stages(self):
+        if self.frozen_stages < 0:
+            return
+        frozen = list(self._stem_modules())
+        for i in range(self.frozen_stages):
+            frozen += self._stage_modules(i)
+            if i in self.out_indices:
+                frozen.append(getattr(self, f'norm{i}'))
+        for m in frozen:
+            if isinstance(m, nn.Parameter):
+                m.requires_grad = False
+                continue
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
+
+    # ------------------------------------------------------------------- init
+    @staticmethod
+    def _init_module(m: nn.Module):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, (nn.LayerNorm, _BatchNorm)):
+            nn.init.constant_(m.weight, 1.0)
+            nn.init.constant_(m.bias, 0)
+
+    def _default_init(self):
+        self.apply(self._init_module)
+
+    def init_weights(self):
+        cfg = self.init_cfg
+        if cfg is None:
+            self._default_init()
+            return
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            from mmengine.logging import print_log
+            from mmengine.runner.checkpoint import load_state_dict
+            self._default_init()
+            state = load_state_dict_from_checkpoint(
+                cfg['checkpoint'], cfg.get('map_location', 'cpu'), cfg.get('prefix'))
+            state = self._adapt_state_dict(state)
+            print_log(f'{type(self).__name__}: load {cfg["checkpoint"]}', logger='current')
+            load_state_dict(self, state, strict=False, logger='current')
+            self._is_init = True
+            return
+        super().init_weights()

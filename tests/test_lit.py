@@ -1,0 +1,386 @@
+"""LIT backbone / classifier: shapes, paper params and FLOPs, DTM, relative position
+bias, backbone interface (frozen_stages, norm_eval, with_cp), official key layouts."""
+import argparse
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pale_mm  # noqa: F401
+from pale_mm.flops import count_flops, count_params, flop_analyzer
+from pale_mm.models import LIT, LITClassifier
+from pale_mm.models.lit import DeformConv2dPack, LITAttention, relative_position_index
+
+TINY = dict(embed_dims=16, depths=[1, 2, 1, 1], num_heads=[1, 1, 2, 2])
+TINY_TI = dict(TINY, mlp_ratios=[8, 8, 4, 4], pos_embed=True, norm_eps=1e-6)
+LAYOUTS = {'swin': TINY, 'pvt': TINY_TI}
+
+# Paper / official README (arXiv 2105.14217): params, multiply-adds at 224.
+PAPER = {'ti': (19e6, 3.6e9), 's': (27e6, 4.1e9), 'm': (48e6, 8.6e9), 'b': (86e6, 15.0e9)}
+
+
+def _small(layout='swin', **kw):
+    kw.setdefault('arch', LAYOUTS[layout])
+    kw.setdefault('pretrain_img_size', 64)
+    return LIT(**kw)
+
+
+@pytest.mark.parametrize('layout', ['swin', 'pvt'])
+@pytest.mark.parametrize('size,expected', [
+    ((112, 137), [(28, 35), (14, 18), (7, 9), (4, 5)]),
+    ((64, 64), [(16, 16), (8, 8), (4, 4), (2, 2)]),
+    ((33, 17), [(9, 5), (5, 3), (3, 2), (2, 1)]),
+    ((1, 1), [(1, 1)] * 4),
+])
+def test_output_pyramid(layout, size, expected):
+    model = _small(layout).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(2, 3, *size))
+    assert isinstance(outs, tuple) and len(outs) == 4
+    for i, (o, hw) in enumerate(zip(outs, expected)):
+        assert o.shape == (2, 16 * 2 ** i) + hw
+        assert o.is_contiguous() and torch.isfinite(o).all()
+
+
+def test_arch_zoo_structure():
+    ti = LIT('ti', out_indices=(1, 3))
+    assert ti.embed_dims == [64, 128, 320, 512] and ti.abs_pos_embed
+    assert hasattr(ti, 'norm1') and hasattr(ti, 'norm3') and not hasattr(ti, 'norm0')
+    assert not hasattr(ti.block1[0], 'attn') and hasattr(ti.block3[0], 'attn')
+    assert ti.pos_embed4.shape == (1, 7 * 7 + 1, 512)
+    s = LIT('s')
+    assert s.embed_dims == [96, 192, 384, 768] and s.depths == [2, 2, 6, 2]
+    assert not hasattr(s.layers[1].blocks[0], 'attn')
+    assert s.layers[2].blocks[0].attn.relative_position_bias_table.shape == (27 * 27, 12)
+    assert s.layers[3].downsample is None
+    assert LIT('m').depths == [2, 2, 18, 2] and LIT('b').embed_dims[0] == 128
+
+
+@pytest.mark.parametrize('arch', ['ti', 's', 'm', 'b'])
+def test_params_and_flops_vs_paper(arch):
+    """FLOPs within 5% of the paper. Params: the official architecture (same keys and
+    shapes as the released checkpoints) has the head on top of the paper's count,
+    which is the body's: the body is within 3%, the whole classifier within 5%."""
+    model = LITClassifier(arch, num_classes=1000)
+    p_ref, f_ref = PAPER[arch]
+    flops = count_flops(model, (3, 224, 224))
+    assert abs(flops / f_ref - 1) < 0.05, flops
+    params = count_params(model)
+    body = params - count_params(model.head)
+    assert abs(body / p_ref - 1) < 0.03, body
+    assert abs(params / p_ref - 1) < 0.05, params
+
+
+def test_deformable_merging_flops_counted():
+    model = LITClassifier('s')
+    with torch.no_grad():
+        by_op = flop_analyzer(model.eval(), (torch.zeros(1, 3, 224, 224), )).by_operator()
+    # three 2x2/s2 DTMs C -> 2C: hw * 2C * C * 4 each at output size hw
+    hand = sum((56 // 2 ** (i + 1)) ** 2 * 2 * c * c * 4 for i, c in enumerate([96, 192, 384]))
+    assert by_op['deform_conv2d'] == hand
+
+
+def test_dcn_zero_offsets_is_conv_and_offset_layout():
+    torch.manual_seed(0)
+    dcn = DeformConv2dPack(4, 6, 2, 2, 0)
+    assert not dcn.conv_offset.weight.any() and not dcn.conv_offset.bias.any()
+    x = torch.randn(2, 4, 8, 6)
+    torch.testing.assert_close(dcn(x), F.conv2d(x, dcn.weight, dcn.bias, stride=2))
+    # offsets are (dy, dx) pairs per kernel position: dx = 1 samples one column right
+    with torch.no_grad():
+        dcn.conv_offset.bias.copy_(torch.tensor([0., 1.] * 4))
+    shifted = F.pad(x[..., 1:], (0, 1))
+    torch.testing.assert_close(dcn(x), F.conv2d(shifted, dcn.weight, dcn.bias, stride=2))
+
+
+def test_relative_position_bias_lookup_and_interpolation():
+    attn = LITAttention(8, 2, rel_pos_size=(3, 3))
+    table = attn.relative_position_bias_table
+    bias = attn.position_bias(3, 3)
+    # the official lookup: table[index].view(N, N, heads).permute(2, 0, 1)
+    idx = relative_position_index(3, 3)
+    torch.testing.assert_close(bias, table[idx.view(-1)].view(9, 9, 2).permute(2, 0, 1))
+    assert bias[:, 0, 0].equal(table[(3 - 1) * 5 + 3 - 1])  # zero offset -> centre
+    big = attn.position_bias(4, 5)
+    assert big.shape == (2, 20, 20)
+    # same (dy, dx) -> same bias
+    assert torch.equal(big[:, 0, 6], big[:, 7, 13])
+    # attention output equals an explicit softmax with that bias
+    x = torch.randn(2, 4, 5, 8)
+    q, k, v = attn.qkv(x.view(2, 20, 8)).view(2, 20, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    w = (q @ k.transpose(-1, -2) * 4 ** -0.5 + big).softmax(-1)
+    ref = attn.proj((w @ v).transpose(1, 2).reshape(2, 20, 8)).view(2, 4, 5, 8)
+    torch.testing.assert_close(attn(x), ref)
+
+
+def test_position_embedding_interpolated():
+    model = _small('pvt')
+    assert model._pos_embed(1, 16, 16).shape == (1, 16, 16, 16)
+    torch.testing.assert_close(model._pos_embed(1, 16, 16).reshape(1, 256, 16),
+                               model.pos_embed1)
+    assert model._pos_embed(4, 3, 5).shape == (1, 3, 5, 128)
+
+
+@pytest.mark.parametrize('layout', ['swin', 'pvt'])
+def test_frozen_stages(layout):
+    model = _small(layout, frozen_stages=2)
+    if layout == 'swin':
+        frozen = ['patch_embed', 'layers.0.blocks', 'layers.1.blocks', 'layers.0.downsample',
+                  'norm0', 'norm1']
+        live = 'layers.2.blocks.0.mlp.fc1.weight'
+    else:
+        frozen = ['patch_embed1', 'patch_embed2', 'pos_embed1', 'pos_embed2', 'block1',
+                  'block2', 'norm0', 'norm1']
+        live = 'block3.0.mlp.fc1.weight'
+    is_frozen = lambda n: any(n == f or n.startswith(f + '.') for f in frozen)  # noqa
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (not is_frozen(name)), name
+    model.train()
+    for name, m in model.named_modules():
+        if is_frozen(name):
+            assert not m.training, name
+    before = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    sum(o.sum() for o in model(torch.randn(2, 3, 64, 64))).backward()
+    opt.step()
+    after = model.state_dict()
+    for k in before:
+        if is_frozen(k):
+            assert torch.equal(before[k], after[k]), k  # incl. BN running stats
+    assert not torch.equal(before[live], after[live])
+
+
+def test_norm_eval():
+    model = _small(norm_eval=True).train()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 3 and all(not m.training for m in bns)
+    stats = copy.deepcopy(bns[0].running_mean)
+    model(torch.randn(2, 3, 32, 32))
+    assert torch.equal(stats, bns[0].running_mean)
+    model = _small(norm_eval=False).train()
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    stats = copy.deepcopy(bn.running_mean)
+    model(torch.randn(2, 3, 32, 32))
+    assert not torch.equal(stats, bn.running_mean)
+
+
+@pytest.mark.parametrize('layout', ['swin', 'pvt'])
+def test_with_cp_same_outputs_and_grads(layout):
+    ref = _small(layout, drop_path_rate=0.3, drop_rate=0.1, attn_drop_rate=0.1).train()
+    cp = copy.deepcopy(ref)
+    cp.with_cp = True
+    x = torch.randn(2, 3, 45, 38)
+    outs = []
+    for m in (ref, cp):
+        torch.manual_seed(42)
+        o = m(x)
+        sum((oi * torch.arange(oi.numel()).view_as(oi).sin()).sum() for oi in o).backward()
+        outs.append(o)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for (n, p), (_, q) in zip(ref.named_parameters(), cp.named_parameters()):
+        assert p.grad is not None, n
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
+    for (n, b1), (_, b2) in zip(ref.named_buffers(), cp.named_buffers()):
+        assert torch.equal(b1, b2), n
+
+
+def test_with_cp_and_frozen_stages_keep_gradients():
+    model = _small(with_cp=True, frozen_stages=1).train()
+    sum(o.sum() for o in model(torch.randn(2, 3, 64, 64))).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+
+
+@pytest.mark.parametrize('bad,exc,match', [
+    (torch.randn(3, 32, 32), ValueError, '4-D'),
+    (torch.randn(1, 4, 32, 32), ValueError, 'in_channels=3 but got an input with 4 channels'),
+    ([1, 2], TypeError, 'torch.Tensor'),
+])
+def test_bad_inputs(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        _small()(bad)
+
+
+@pytest.mark.parametrize('kwargs,exc,match', [
+    (dict(arch='huge'), ValueError, r"valid archs are \['b', 'm', 's', 'ti'\]"),
+    (dict(arch=7), TypeError, 'arch must be a str or a dict'),
+    (dict(arch=dict(embed_dims=16, depths=[1, 1])), ValueError, 'missing keys'),
+    (dict(arch=dict(TINY, num_heads=[1, 1, 3, 2])), ValueError, 'not divisible'),
+    (dict(arch=dict(TINY, mlp_ratios=[4, 4])), ValueError, 'one entry per stage'),
+    (dict(arch=dict(TINY, window=7)), ValueError, 'unknown arch keys'),
+    (dict(out_indices=(0, 4)), ValueError, 'out_indices'),
+    (dict(frozen_stages=5), ValueError, 'frozen_stages'),
+    (dict(in_channels=0), ValueError, 'in_channels'),
+    (dict(pretrain_img_size=0), ValueError, 'pretrain_img_size'),
+    (dict(pretrained=123), TypeError, 'pretrained must be a str'),
+])
+def test_bad_construction(kwargs, exc, match):
+    kwargs.setdefault('arch', TINY)
+    with pytest.raises(exc, match=match):
+        LIT(**kwargs)
+
+
+def test_pretrained_str_becomes_init_cfg():
+    with pytest.warns(DeprecationWarning, match='pretrained is deprecated'):
+        model = _small(pretrained='ckpt.pth')
+    assert model.init_cfg == dict(type='Pretrained', checkpoint='ckpt.pth')
+    with pytest.raises(ValueError, match='at the same time'):
+        _small(pretrained='a.pth', init_cfg=dict(type='Pretrained', checkpoint='b.pth'))
+
+
+def test_init_weights_default_keeps_zero_offsets():
+    model = _small()
+    model.init_weights()
+    w = model.layers[2].blocks[0].mlp.fc1.weight
+    assert abs(w.std().item() - 0.02) < 0.006
+    assert not model.layers[0].downsample.dconv.conv_offset.weight.any()
+
+
+# --------------------------------------------------- official key layouts
+def _bn(prefix, c):
+    return {f'{prefix}.weight': (c, ), f'{prefix}.bias': (c, ), f'{prefix}.running_mean': (c, ),
+            f'{prefix}.running_var': (c, ), f'{prefix}.num_batches_tracked': ()}
+
+
+def _dtm(prefix, cin, cout):
+    return {f'{prefix}.dconv.weight': (cout, cin, 2, 2), f'{prefix}.dconv.bias': (cout, ),
+            f'{prefix}.dconv.conv_offset.weight': (8, cin, 2, 2),
+            f'{prefix}.dconv.conv_offset.bias': (8, ), **_bn(f'{prefix}.norm_layer', cout)}
+
+
+def _block(prefix, c, ratio, attn, heads=None, table=None):
+    h = int(c * ratio)
+    shapes = {f'{prefix}.norm2.weight': (c, ), f'{prefix}.norm2.bias': (c, ),
+              f'{prefix}.mlp.fc1.weight': (h, c), f'{prefix}.mlp.fc1.bias': (h, ),
+              f'{prefix}.mlp.fc2.weight': (c, h), f'{prefix}.mlp.fc2.bias': (c, )}
+    if attn:
+        shapes.update({f'{prefix}.norm1.weight': (c, ), f'{prefix}.norm1.bias': (c, ),
+                       f'{prefix}.attn.qkv.weight': (3 * c, c),
+                       f'{prefix}.attn.qkv.bias': (3 * c, ),
+                       f'{prefix}.attn.proj.weight': (c, c), f'{prefix}.attn.proj.bias': (c, )})
+        if table:
+            shapes[f'{prefix}.attn.relative_position_bias_table'] = ((2 * table - 1) ** 2, heads)
+    return shapes
+
+
+def official_lit_smb_shapes(dims, depths, heads, img=224, classes=1000):
+    """Key -> shape of the official LIT-S/M/B (Swin-style) classification checkpoint."""
+    s = {'patch_embed.proj.weight': (dims[0], 3, 4, 4), 'patch_embed.proj.bias': (dims[0], ),
+         'patch_embed.norm.weight': (dims[0], ), 'patch_embed.norm.bias': (dims[0], ),
+         'norm.weight': (dims[-1], ), 'norm.bias': (dims[-1], ),
+         'head.weight': (classes, dims[-1]), 'head.bias': (classes, )}
+    for i, depth in enumerate(depths):
+        for j in range(depth):
+            s.update(_block(f'layers.{i}.blocks.{j}', dims[i], 4, i >= 2, heads[i],
+                            img // 4 // 2 ** i))
+        if i < len(depths) - 1:
+            s.update(_dtm(f'layers.{i}.downsample', dims[i], dims[i + 1]))
+    return s
+
+
+def official_lit_ti_shapes(dims, depths, ratios, img=224, classes=1000):
+    """Key -> shape of the official LIT-Ti (PVT-style) classification checkpoint."""
+    s = {'patch_embed1.proj.weight': (dims[0], 3, 4, 4), 'patch_embed1.proj.bias': (dims[0], ),
+         'patch_embed1.norm.weight': (dims[0], ), 'patch_embed1.norm.bias': (dims[0], ),
+         'cls_token': (1, 1, dims[-1]), 'norm.weight': (dims[-1], ), 'norm.bias': (dims[-1], ),
+         'head.weight': (classes, dims[-1]), 'head.bias': (classes, )}
+    for k in range(1, 5):
+        g = img // 4 // 2 ** (k - 1)
+        s[f'pos_embed{k}'] = (1, g * g + (k == 4), dims[k - 1])
+        if k > 1:
+            s.update(_dtm(f'patch_embed{k}', dims[k - 2], dims[k - 1]))
+        for j in range(depths[k - 1]):
+            s.update(_block(f'block{k}.{j}', dims[k - 1], ratios[k - 1], k >= 3))
+    return s
+
+
+def _random_state(shapes):
+    g = torch.Generator().manual_seed(1)
+    state = {}
+    for k, shape in shapes.items():
+        if k.endswith('num_batches_tracked'):
+            state[k] = torch.randint(0, 100, shape, generator=g)
+        elif k.endswith('running_var'):
+            state[k] = torch.rand(shape, generator=g) + 0.5
+        else:
+            state[k] = torch.randn(shape, generator=g) * 0.1
+    return state
+
+
+def test_nan_input_does_not_crash_dcn():
+    dcn = DeformConv2dPack(4, 4)
+    with torch.no_grad():
+        dcn.conv_offset.weight.normal_()
+        x = torch.randn(1, 4, 6, 6)
+        x[0, 0, 2, 2] = float('nan')
+        assert torch.isnan(dcn(x)).any()
+
+
+@pytest.mark.parametrize('arch', ['s', 'ti'])
+def test_official_layout_matches_classifier_exactly(arch):
+    if arch == 's':
+        shapes = official_lit_smb_shapes([96, 192, 384, 768], [2, 2, 6, 2], [3, 6, 12, 24])
+    else:
+        shapes = official_lit_ti_shapes([64, 128, 320, 512], [3, 4, 6, 3], [8, 8, 4, 4])
+    model = LITClassifier(arch)
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert own == shapes
+    model.load_state_dict(_random_state(shapes), strict=True)
+
+
+@pytest.mark.parametrize('layout', ['swin', 'pvt'])
+def test_official_checkpoint_loads_through_init_cfg(layout, tmp_path):
+    dims, depths = [16, 32, 64, 128], TINY['depths']
+    if layout == 'swin':
+        shapes = official_lit_smb_shapes(dims, depths, [1, 1, 2, 2], img=64)
+    else:
+        shapes = official_lit_ti_shapes(dims, depths, [8, 8, 4, 4], img=64)
+    state = _random_state(shapes)
+    path = tmp_path / 'lit.pth'
+    torch.save({'model': state, 'epoch': 300, 'args': argparse.Namespace(model='lit')}, path)
+    model = _small(layout, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    model.init_weights()
+    own = model.state_dict()
+    for k, v in state.items():
+        if k in own:
+            assert torch.equal(own[k], v), k
+    missing = set(own) - set(state)
+    assert missing == {f'norm{i}.{p}' for i in range(4) for p in ('weight', 'bias')}
+    with torch.no_grad():
+        assert len(model.eval()(torch.randn(1, 3, 64, 64))) == 4
+
+
+def test_checkpoint_for_other_size_is_resized(tmp_path):
+    shapes = official_lit_smb_shapes([16, 32, 64, 128], TINY['depths'], [1, 1, 2, 2], img=224)
+    torch.save({'model': _random_state(shapes)}, tmp_path / 'a.pth')
+    model = _small(init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'a.pth')))
+    model.init_weights()  # tables trained for 224 resized to pretrain_img_size=64
+    assert model.layers[2].blocks[0].attn.relative_position_bias_table.shape == (49, 2)
+
+
+# ------------------------------------------------------------------- timm
+def test_timm_create_and_features_only():
+    for name in ('lit_ti', 'lit_s', 'lit_m', 'lit_b'):
+        assert name in timm.list_models('lit_*')
+    model = timm.create_model('lit_ti', num_classes=10).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 96)).shape == (2, 10)
+        feats = model.forward_features(torch.randn(1, 3, 64, 64))
+    assert feats.shape == (1, 1 + 4, 512)  # class token + 2x2 map
+    feat = timm.create_model('lit_s', features_only=True, out_indices=(1, 2, 3)).eval()
+    assert feat.feature_info.channels() == [192, 384, 768]
+    assert feat.feature_info.reduction() == [8, 16, 32]
+    with torch.no_grad():
+        out = feat(torch.randn(1, 3, 112, 137))
+    assert [tuple(f.shape) for f in out] == [(1, 192, 14, 18), (1, 384, 7, 9), (1, 768, 4, 5)]
+
+
+def test_registered_in_openmmlab():
+    pytest.importorskip('mmdet')
+    from mmdet.registry import MODELS
+    model = MODELS.build(dict(type='LIT', arch=TINY, pretrain_img_size=64, out_indices=(3, )))
+    assert isinstance(model, LIT) and model.out_indices == (3, )

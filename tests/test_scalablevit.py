@@ -1,0 +1,292 @@
+"""ScalableViT backbone / classifier: shapes, paper params and FLOPs, IWSA padding mask
+against a dense reference, SSA, backbone interface, official checkpoint layout with the
+``{'model': ..., 'args': Namespace}`` wrapper under ``weights_only`` loading."""
+import argparse
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import pale_mm  # noqa: F401
+from pale_mm.flops import count_flops, count_params
+from pale_mm.models import ScalableViT, ScalableViTClassifier, allow_namespace_in_checkpoints
+from pale_mm.models.scalablevit import IWSA, SSA
+
+TINY = dict(embed_dims=16, depths=[2, 2, 2, 1], num_heads=[1, 2, 2, 4],
+            c_ratios=[1.25, 1.25, 1.25, 1], window_sizes=3)
+
+# arXiv 2203.10790 / official README: params, multiply-adds at 224.
+PAPER = {'s': (32.4e6, 4.2e9), 'b': (81.9e6, 8.6e9), 'l': (104.9e6, 14.7e9)}
+
+
+def _small(**kw):
+    kw.setdefault('arch', TINY)
+    return ScalableViT(**kw)
+
+
+@pytest.mark.parametrize('size,expected', [
+    ((112, 137), [(28, 35), (14, 18), (7, 9), (4, 5)]),
+    ((64, 64), [(16, 16), (8, 8), (4, 4), (2, 2)]),
+    ((33, 17), [(9, 5), (5, 3), (3, 2), (2, 1)]),
+    ((1, 1), [(1, 1)] * 4),
+])
+def test_output_pyramid(size, expected):
+    model = _small().eval()
+    with torch.no_grad():
+        outs = model(torch.randn(2, 3, *size))
+    assert isinstance(outs, tuple) and len(outs) == 4
+    for i, (o, hw) in enumerate(zip(outs, expected)):
+        assert o.shape == (2, 16 * 2 ** i) + hw
+        assert o.is_contiguous() and torch.isfinite(o).all()
+
+
+def test_arch_zoo_structure():
+    m = ScalableViT('s', out_indices=(2, ))
+    assert m.embed_dims == [64, 128, 256, 512] and m.sr_ratios == [8, 4, 2, 1]
+    assert isinstance(m.stages[0][0].attn, IWSA) and isinstance(m.stages[0][1].attn, SSA)
+    assert m.stages[0][1].attn.c_new == 80 and hasattr(m.stages[3][1].attn, 'kv')
+    assert hasattr(m, 'norm2') and not hasattr(m, 'norm0')
+    assert ScalableViT('b').c_ratios == [2, 1.25, 1.25, 1]
+    assert ScalableViT('l').depths == [2, 6, 12, 4]
+
+
+@pytest.mark.parametrize('arch', ['s', 'b', 'l'])
+def test_params_and_flops_vs_paper(arch):
+    """Params within 3% (L: 5%, see the report: the released configuration of L gives
+    more parameters than the paper's table) and FLOPs within 5% of the paper."""
+    model = ScalableViTClassifier(arch, num_classes=1000)
+    p_ref, f_ref = PAPER[arch]
+    params, flops = count_params(model), count_flops(model, (3, 224, 224))
+    assert abs(params / p_ref - 1) < (0.05 if arch == 'l' else 0.03), params
+    assert abs(flops / f_ref - 1) < 0.05, flops
+
+
+def _dense_iwsa_reference(attn: IWSA, x: torch.Tensor) -> torch.Tensor:
+    """Window attention over the real tokens of each window only (no padding),
+    computed window by window, plus LIM on V, then the projection."""
+    B, H, W, C = x.shape
+    ws, nh = attn.ws, attn.num_heads
+    q, k, v = attn.qkv(x).chunk(3, dim=-1)
+    lim = attn.lim_func(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    out = torch.zeros_like(x)
+    for i0 in range(0, H, ws):
+        for j0 in range(0, W, ws):
+            sl = (slice(None), slice(i0, i0 + ws), slice(j0, j0 + ws))
+            h, w = q[sl].shape[1:3]
+            qq, kk, vv = (t[sl].reshape(B, h * w, nh, -1).transpose(1, 2) for t in (q, k, v))
+            a = (qq @ kk.transpose(-1, -2) * qq.shape[-1] ** -0.5).softmax(-1)
+            out[sl] = (a @ vv).transpose(1, 2).reshape(B, h, w, C)
+    return attn.proj(out + lim)
+
+
+@pytest.mark.parametrize('hw', [(7, 5), (3, 3), (1, 8), (6, 6)])
+def test_iwsa_padding_mask_matches_dense_reference(hw):
+    attn = IWSA(8, 2, ws=3).eval()
+    x = torch.randn(2, *hw, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), _dense_iwsa_reference(attn, x))
+
+
+def test_ssa_matches_explicit_formula():
+    ssa = SSA(16, 2, sr_ratio=2, c_ratio=1.25).eval()
+    x = torch.randn(1, 4, 6, 16)
+    with torch.no_grad():
+        y = ssa.norm_act(ssa.reduction(x.permute(0, 3, 1, 2)).flatten(2).transpose(1, 2))
+        q = ssa.q(x).view(1, 24, 2, 10).transpose(1, 2)
+        k = ssa.k(y).view(1, 6, 2, 10).transpose(1, 2)
+        v = ssa.v(y).view(1, 6, 2, 8).transpose(1, 2)
+        a = (q @ k.transpose(-1, -2) * (8 * 1.25) ** -0.5).softmax(-1)
+        ref = ssa.proj((a @ v).transpose(1, 2).reshape(1, 4, 6, 16))
+        torch.testing.assert_close(ssa(x), ref)
+        assert ssa(torch.randn(1, 3, 5, 16)).shape == (1, 3, 5, 16)  # padded reduction
+
+
+def test_frozen_stages():
+    model = _small(frozen_stages=2)
+    frozen = ['patch_embeds.0', 'patch_embeds.1', 'pos_block.0', 'pos_block.1', 'stages.0',
+              'stages.1', 'norm0', 'norm1']
+    is_frozen = lambda n: any(n == f or n.startswith(f + '.') for f in frozen)  # noqa
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (not is_frozen(name)), name
+    model.train()
+    for name, m in model.named_modules():
+        if is_frozen(name):
+            assert not m.training, name
+    before = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    sum(o.sum() for o in model(torch.randn(2, 3, 64, 64))).backward()
+    opt.step()
+    after = model.state_dict()
+    for k in before:
+        if is_frozen(k):
+            assert torch.equal(before[k], after[k]), k
+    assert not torch.equal(before['stages.2.0.mlp.fc1.weight'], after['stages.2.0.mlp.fc1.weight'])
+
+
+def test_norm_eval_switches_only_batchnorm():
+    model = _small(norm_eval=True)
+    model.stages[0][0].bn = nn.BatchNorm2d(4)  # ScalableViT has no BN of its own
+    model.train()
+    assert not model.stages[0][0].bn.training and model.stages[0][0].attn.training
+
+
+def test_with_cp_same_outputs_and_grads():
+    ref = _small(drop_path_rate=0.3, drop_rate=0.1, attn_drop_rate=0.1).train()
+    cp = copy.deepcopy(ref)
+    cp.with_cp = True
+    x = torch.randn(2, 3, 45, 38)
+    outs = []
+    for m in (ref, cp):
+        torch.manual_seed(42)
+        o = m(x)
+        sum((oi * torch.arange(oi.numel()).view_as(oi).sin()).sum() for oi in o).backward()
+        outs.append(o)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for (n, p), (_, q) in zip(ref.named_parameters(), cp.named_parameters()):
+        assert p.grad is not None, n
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize('bad,exc,match', [
+    (torch.randn(3, 32, 32), ValueError, '4-D'),
+    (torch.randn(1, 4, 32, 32), ValueError, 'in_channels=3 but got an input with 4 channels'),
+    ('img', TypeError, 'torch.Tensor'),
+])
+def test_bad_inputs(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        _small()(bad)
+
+
+@pytest.mark.parametrize('kwargs,exc,match', [
+    (dict(arch='xl'), ValueError, r"valid archs are \['b', 'l', 's'\]"),
+    (dict(arch=[1]), TypeError, 'arch must be a str or a dict'),
+    (dict(arch=dict(embed_dims=16, depths=[1], num_heads=[1])), ValueError, 'missing keys'),
+    (dict(arch=dict(TINY, num_heads=[3, 2, 2, 4])), ValueError, 'not divisible'),
+    (dict(arch=dict(TINY, c_ratios=[1.25, 1.1, 1.25, 1])), ValueError, 'scaled width'),
+    (dict(arch=dict(TINY, window_sizes=1)), ValueError, 'window size'),
+    (dict(arch=dict(TINY, sr_ratios=[8, 4, 2])), ValueError, 'one entry per stage'),
+    (dict(out_indices=(5, )), ValueError, 'out_indices'),
+    (dict(frozen_stages=-2), ValueError, 'frozen_stages'),
+    (dict(in_channels=1.5), ValueError, 'in_channels'),
+    (dict(pretrained=1), TypeError, 'pretrained must be a str'),
+])
+def test_bad_construction(kwargs, exc, match):
+    kwargs.setdefault('arch', TINY)
+    with pytest.raises(exc, match=match):
+        ScalableViT(**kwargs)
+
+
+# --------------------------------------------------- official key layout
+def official_shapes(dims, depths, heads, c_ratios, sr=(8, 4, 2, 1), classes=1000,
+                    hidden=4096):
+    """Key -> shape of an official ScalableViT classification checkpoint."""
+    s = {'norm.weight': (dims[-1], ), 'norm.bias': (dims[-1], ),
+         'head.0.weight': (hidden, dims[-1]), 'head.0.bias': (hidden, ),
+         'head.1.weight': (hidden, ), 'head.1.bias': (hidden, ),
+         'head.3.weight': (classes, hidden), 'head.3.bias': (classes, )}
+    prev = 3
+    for k, c in enumerate(dims):
+        ks = 7 if k == 0 else 3
+        s.update({f'patch_embeds.{k}.proj.weight': (c, prev, ks, ks),
+                  f'patch_embeds.{k}.proj.bias': (c, ),
+                  f'patch_embeds.{k}.norm.weight': (c, ), f'patch_embeds.{k}.norm.bias': (c, ),
+                  f'pos_block.{k}.proj.0.weight': (c, 1, 3, 3),
+                  f'pos_block.{k}.proj.0.bias': (c, )})
+        cn = int(c * c_ratios[k])
+        for i in range(depths[k]):
+            p = f'stages.{k}.{i}'
+            for n in ('norm1', 'norm2'):
+                s.update({f'{p}.{n}.weight': (c, ), f'{p}.{n}.bias': (c, )})
+            s.update({f'{p}.mlp.fc1.weight': (4 * c, c), f'{p}.mlp.fc1.bias': (4 * c, ),
+                      f'{p}.mlp.fc2.weight': (c, 4 * c), f'{p}.mlp.fc2.bias': (c, ),
+                      f'{p}.attn.proj.weight': (c, c), f'{p}.attn.proj.bias': (c, )})
+            if i % 2 == 0:  # IWSA
+                s.update({f'{p}.attn.qkv.weight': (3 * c, c), f'{p}.attn.qkv.bias': (3 * c, ),
+                          f'{p}.attn.lim_func.weight': (c, 1, 3, 3),
+                          f'{p}.attn.lim_func.bias': (c, )})
+            elif sr[k] > 1:
+                r = sr[k]
+                s.update({f'{p}.attn.q.weight': (cn, c), f'{p}.attn.q.bias': (cn, ),
+                          f'{p}.attn.reduction.0.weight': (c, 1, r, r),
+                          f'{p}.attn.reduction.0.bias': (c, ),
+                          f'{p}.attn.reduction.1.weight': (cn, c, 1, 1),
+                          f'{p}.attn.reduction.1.bias': (cn, ),
+                          f'{p}.attn.norm_act.0.weight': (cn, ),
+                          f'{p}.attn.norm_act.0.bias': (cn, ),
+                          f'{p}.attn.k.weight': (cn, cn), f'{p}.attn.k.bias': (cn, ),
+                          f'{p}.attn.v.weight': (c, cn), f'{p}.attn.v.bias': (c, )})
+            else:
+                s.update({f'{p}.attn.q.weight': (c, c), f'{p}.attn.q.bias': (c, ),
+                          f'{p}.attn.kv.weight': (2 * c, c), f'{p}.attn.kv.bias': (2 * c, )})
+        prev = c
+    return s
+
+
+def test_official_layout_matches_classifier_exactly():
+    shapes = official_shapes([64, 128, 256, 512], [2, 2, 20, 2], [2, 4, 8, 16],
+                             [1.25, 1.25, 1.25, 1])
+    model = ScalableViTClassifier('s')
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes
+
+
+def test_official_checkpoint_with_namespace_loads_through_init_cfg(tmp_path):
+    shapes = official_shapes([16, 32, 64, 128], TINY['depths'], TINY['num_heads'],
+                             TINY['c_ratios'])
+    g = torch.Generator().manual_seed(3)
+    state = {k: torch.randn(v, generator=g) * 0.1 for k, v in shapes.items()}
+    path = tmp_path / 'checkpoint_best.pth'
+    args = argparse.Namespace(model='scalable_vit_small', drop_path=0.2, lr=5e-4,
+                              input_size=224, data_path='/data/imagenet', dist_eval=True)
+    torch.save({'model': state, 'optimizer': {'state': {}, 'param_groups': []}, 'epoch': 299,
+                'args': args}, path)
+    allow_namespace_in_checkpoints()
+    loaded = torch.load(path, weights_only=True)  # the Namespace is allow-listed
+    assert loaded['args'].model == 'scalable_vit_small'
+    model = _small(init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    model.init_weights()
+    own = model.state_dict()
+    for k, v in state.items():
+        if k in own:
+            assert torch.equal(own[k], v), k
+    assert set(own) - set(state) == {f'norm{i}.{p}' for i in range(4)
+                                     for p in ('weight', 'bias')}
+    with torch.no_grad():
+        assert len(model.eval()(torch.randn(1, 3, 50, 70))) == 4
+
+
+def test_prefix_and_module_wrapping(tmp_path):
+    from pale_mm.models.pyramid import unwrap_state_dict
+    sd = {'module.backbone.a': torch.zeros(1), 'module.head.b': torch.zeros(1)}
+    assert list(unwrap_state_dict({'state_dict': sd}, prefix='backbone')) == ['a']
+    with pytest.raises(ValueError, match='non-tensor'):
+        unwrap_state_dict({'epoch': 3, 'w': torch.zeros(1)})
+
+
+# ------------------------------------------------------------------- timm
+def test_timm_create_and_features_only():
+    for name in ('scalablevit_s', 'scalablevit_b', 'scalablevit_l'):
+        assert name in timm.list_models('scalablevit_*')
+    model = timm.create_model('scalablevit_s', num_classes=10).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 80)).shape == (2, 10)
+        pre = model.forward_head(model.forward_features(torch.randn(1, 3, 64, 64)),
+                                 pre_logits=True)
+    assert pre.shape == (1, 4096)
+    model.reset_classifier(3)
+    assert model.head[3].out_features == 3
+    feat = timm.create_model('scalablevit_s', features_only=True).eval()
+    assert feat.feature_info.channels() == [64, 128, 256, 512]
+    with torch.no_grad():
+        out = feat(torch.randn(1, 3, 112, 137))
+    assert [tuple(f.shape) for f in out] == [
+        (1, 64, 28, 35), (1, 128, 14, 18), (1, 256, 7, 9), (1, 512, 4, 5)]
+
+
+def test_registered_in_openmmlab():
+    pytest.importorskip('mmseg')
+    from mmseg.registry import MODELS
+    model = MODELS.build(dict(type='ScalableViT', arch=TINY, frozen_stages=1))
+    assert isinstance(model, ScalableViT) and model.frozen_stages == 1
