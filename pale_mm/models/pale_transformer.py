@@ -11,19 +11,15 @@ Both share the modules and the parameter names of the body:
 - ``norm``, ``head``: the classifier's final LayerNorm and Linear.
 """
 import copy
-import warnings
 from typing import Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from mmengine.model import BaseModule
-from mmengine.model.weight_init import trunc_normal_
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .classifier import ClassifierMixin
-from .layers import (ConvPatchEmbed, DropPath, Mlp, check_image, check_pale_size,
-                     checkpoint_block)
+from .layers import ConvPatchEmbed, DropPath, Mlp, check_pale_size
 from .pale_attention import PSAttention
+from .pyramid import PyramidBackbone
 
 __all__ = ['PaleBlock', 'PaleTransformer', 'PaleClassifier']
 
@@ -53,7 +49,7 @@ class PaleBlock(nn.Module):
         return x
 
 
-class PaleTransformer(BaseModule):
+class PaleTransformer(PyramidBackbone):
     """Pale Transformer backbone for mmdet / mmseg.
 
     Args:
@@ -91,42 +87,13 @@ class PaleTransformer(BaseModule):
                  drop_path_rate: float = 0.1, out_indices: Sequence[int] = (0, 1, 2, 3),
                  frozen_stages: int = -1, norm_eval: bool = False, with_cp: bool = False,
                  pretrained=None, init_cfg=None):
-        if pretrained is not None:
-            if not isinstance(pretrained, str):
-                raise TypeError(f'pretrained must be a str (a checkpoint path or URL) or '
-                                f'None, got {type(pretrained).__name__}')
-            if init_cfg is not None:
-                raise ValueError('init_cfg and pretrained cannot be set at the same time')
-            warnings.warn('PaleTransformer: pretrained is deprecated, use '
-                          'init_cfg=dict(type="Pretrained", checkpoint=...) instead',
-                          DeprecationWarning)
-            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
-        super().__init__(init_cfg=init_cfg)
-
         arch = self._parse_arch(arch)
         self.embed_dims: List[int] = arch['embed_dims']
         self.depths: List[int] = arch['depths']
         self.num_heads: List[int] = arch['num_heads']
-        self.num_stages = len(self.depths)
-        self.in_channels = in_channels
+        super().__init__(in_channels, len(self.depths), out_indices, frozen_stages, norm_eval,
+                         with_cp, pretrained, init_cfg)
         self.pale_sizes = self._parse_pale_size(pale_size, self.num_stages)
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f'in_channels must be a positive int, got {in_channels!r}')
-
-        if isinstance(out_indices, int):
-            out_indices = [out_indices]
-        out_indices = [i + self.num_stages if i < 0 else i for i in out_indices]
-        for i in out_indices:
-            if not 0 <= i < self.num_stages:
-                raise ValueError(f'out_indices {tuple(out_indices)} out of range for '
-                                 f'{self.num_stages} stages')
-        self.out_indices = tuple(out_indices)
-        if not -1 <= frozen_stages <= self.num_stages:
-            raise ValueError(f'frozen_stages must be in [-1, {self.num_stages}], '
-                             f'got {frozen_stages}')
-        self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
-        self.with_cp = with_cp
 
         dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
         self.patch_embeds = nn.ModuleList()
@@ -142,9 +109,7 @@ class PaleTransformer(BaseModule):
                 PaleBlock(dim, heads, self.pale_sizes[i], mlp_ratio, qkv_bias, drop_rate,
                           attn_drop_rate, dpr[cursor + j]) for j in range(depth)]))
             prev, cursor = dim, cursor + depth
-        for i in self.out_indices:
-            self.add_module(f'norm{i}', nn.LayerNorm(self.embed_dims[i]))
-        self._freeze_stages()
+        self._finish_init()
 
     # ------------------------------------------------------------------ config
     @classmethod
@@ -196,60 +161,14 @@ class PaleTransformer(BaseModule):
         for i, (embed, blocks) in enumerate(zip(self.patch_embeds, self.stages)):
             x = embed(x if i == 0 else x.permute(0, 3, 1, 2))
             for blk in blocks:
-                if self.with_cp and self.training and torch.is_grad_enabled():
-                    x = checkpoint_block(blk, x)
-                else:
-                    x = blk(x)
+                x = self._run_block(blk, x)
             yield x
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        check_image(x, self.in_channels, type(self).__name__)
-        outs = []
-        for i, feat in enumerate(self._forward_stages(x)):
-            if i in self.out_indices:
-                feat = getattr(self, f'norm{i}')(feat)
-                outs.append(feat.permute(0, 3, 1, 2).contiguous())
-        return tuple(outs)
+    def _stem_modules(self) -> List[nn.Module]:
+        return [self.patch_embeds[0]]
 
-    # ------------------------------------------------------- train / freeze
-    def _freeze_stages(self):
-        if self.frozen_stages < 0:
-            return
-        frozen = [self.patch_embeds[0]]
-        for i in range(self.frozen_stages):
-            frozen += [self.patch_embeds[i], self.stages[i]]
-            if i in self.out_indices:
-                frozen.append(getattr(self, f'norm{i}'))
-        for m in frozen:
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad = False
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
-        return self
-
-    # ------------------------------------------------------------------- init
-    @staticmethod
-    def _init_module(m: nn.Module):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, (nn.LayerNorm, _BatchNorm)):
-            nn.init.constant_(m.weight, 1.0)
-            nn.init.constant_(m.bias, 0)
-
-    def init_weights(self):
-        if self.init_cfg is None:
-            self.apply(self._init_module)
-            return
-        super().init_weights()
+    def _stage_modules(self, i: int) -> List[nn.Module]:
+        return [self.patch_embeds[i], self.stages[i]]
 
 
 class PaleClassifier(ClassifierMixin, PaleTransformer):
