@@ -1,9 +1,16 @@
 """pale_mm: Pale Transformer (and sibling) backbones for mmdet, mmseg and timm.
 
 Importing ``pale_mm`` registers ``PaleTransformer`` in mmdet's and mmseg's model
-registries (whichever are installed) and ``pale_tiny/small/base`` in timm.
+registries (whichever are installed) and ``pale_tiny/small/base`` in timm, and
+lets ``torch.load(weights_only=True)`` read mmengine Runner checkpoints.
 """
 __version__ = '0.1.0'
+
+from .compat import allow_numpy_in_checkpoints  # noqa: E402
+
+# torch >= 2.6 loads with weights_only=True and mmengine 0.10 does not opt out:
+# allow-list the plain-data types that Runner checkpoints hold (resume, load_from).
+allow_numpy_in_checkpoints()
 
 from . import models  # noqa: F401,E402
 from . import registration  # noqa: F401,E402

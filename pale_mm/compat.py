@@ -35,9 +35,9 @@ def numpy_safe_globals() -> list:
         safe += [getattr(dtypes, name) for name in dir(dtypes)
                  if name.endswith('DType') and isinstance(getattr(dtypes, name), type)]
     else:  # pragma: no cover - old numpy: dtype classes are ``type(np.dtype(x))``
-        safe += [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int8,
-                                              np.int16, np.int32, np.int64, np.uint8,
-                                              np.bool_)]
+        scalars = (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32,
+                   np.int64, np.uint8, np.bool_)
+        safe += [type(np.dtype(t)) for t in scalars]
     return safe
 
 

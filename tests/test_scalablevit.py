@@ -258,7 +258,7 @@ def test_official_checkpoint_with_namespace_loads_through_init_cfg(tmp_path):
 
 
 def test_prefix_and_module_wrapping(tmp_path):
-    from pale_mm.models.pyramid import unwrap_state_dict
+    from pale_mm.models.checkpoint import unwrap_state_dict
     sd = {'module.backbone.a': torch.zeros(1), 'module.head.b': torch.zeros(1)}
     assert list(unwrap_state_dict({'state_dict': sd}, prefix='backbone')) == ['a']
     with pytest.raises(ValueError, match='non-tensor'):

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import check_pale_size, to_pair
+from .layers import check_pale_size
 
 __all__ = ['pale_attention', 'PSAttention', 'pale_groups']
 

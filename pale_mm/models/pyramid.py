@@ -10,15 +10,10 @@ A subclass builds its modules, then calls ``self._finish_init()``; it provides
 ``_forward_stages(x)`` yielding ``(B, H, W, C)`` maps, ``_stem_modules()`` and
 ``_stage_modules(i)`` (the modules frozen with stage ``i``: its merge and blocks).
 
-``load_state_dict_from_checkpoint`` reads a checkpoint under
-``torch.load(weights_only=True)`` (the default of torch >= 2.6): it allow-lists
-``argparse.Namespace`` (ScalableViT and DeiT-style checkpoints store their training
-``args`` in one) and unwraps ``{'model': ...}``, ``{'state_dict': ...}`` and
-``module.`` prefixes.
+Checkpoint reading and loading live in ``checkpoint.py``.
 """
-import argparse
 import warnings
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,70 +21,12 @@ from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .checkpoint import (allow_namespace_in_checkpoints, load_pretrained,
+                         load_state_dict_from_checkpoint)
 from .layers import check_image, checkpoint_block
 
 __all__ = ['PyramidBackbone', 'allow_namespace_in_checkpoints',
            'load_state_dict_from_checkpoint']
-
-_NAMESPACE_ALLOWED = False
-
-
-def allow_namespace_in_checkpoints() -> bool:
-    """Allow-list ``argparse.Namespace`` for ``torch.load(weights_only=True)``.
-
-    A Namespace is a plain attribute bag; unpickling one runs no code beyond setting
-    its ``__dict__``. Idempotent; returns False on torch without
-    ``torch.serialization.add_safe_globals`` (torch < 2.4, where loading is not
-    restricted anyway)."""
-    global _NAMESPACE_ALLOWED
-    if _NAMESPACE_ALLOWED:
-        return True
-    add = getattr(torch.serialization, 'add_safe_globals', None)
-    if add is None:
-        return False
-    add([argparse.Namespace])
-    _NAMESPACE_ALLOWED = True
-    return True
-
-
-def unwrap_state_dict(checkpoint, prefix: Optional[str] = None) -> dict:
-    """The state dict inside a checkpoint: ``checkpoint['state_dict']``,
-    ``checkpoint['model']`` (official LIT / ScalableViT releases), or the dict itself;
-    a leading ``module.`` (DDP) is stripped and, with ``prefix``, only keys under it are
-    kept, without it."""
-    if not isinstance(checkpoint, dict):
-        raise TypeError(f'expected a checkpoint dict, got {type(checkpoint).__name__}')
-    state = checkpoint
-    for key in ('state_dict', 'model', 'module'):
-        if key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
-    state = {(k[7:] if k.startswith('module.') else k): v for k, v in state.items()}
-    if prefix:
-        prefix = prefix if prefix.endswith('.') else prefix + '.'
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if not state:
-            raise ValueError(f'no keys start with prefix {prefix!r} in the checkpoint')
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        bad = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))[:5]
-        raise ValueError(f'checkpoint does not look like a state dict: non-tensor entries '
-                         f'{bad}')
-    return state
-
-
-def load_state_dict_from_checkpoint(filename: str, map_location='cpu',
-                                    prefix: Optional[str] = None) -> dict:
-    """Read ``filename`` (a path or URL, through mmengine's loaders) with
-    ``argparse.Namespace`` allow-listed and return the unwrapped state dict."""
-    from mmengine.runner.checkpoint import _load_checkpoint
-    allow_namespace_in_checkpoints()
-    try:
-        from pale_mm.compat import allow_numpy_in_checkpoints
-        allow_numpy_in_checkpoints()
-    except ImportError:  # pragma: no cover
-        pass
-    checkpoint = _load_checkpoint(filename, map_location=map_location)
-    return unwrap_state_dict(checkpoint, prefix)
 
 
 class PyramidBackbone(BaseModule):
@@ -210,14 +147,8 @@ class PyramidBackbone(BaseModule):
             self._default_init()
             return
         if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-            from mmengine.logging import print_log
-            from mmengine.runner.checkpoint import load_state_dict
             self._default_init()
-            state = load_state_dict_from_checkpoint(
-                cfg['checkpoint'], cfg.get('map_location', 'cpu'), cfg.get('prefix'))
-            state = self._adapt_state_dict(state)
-            print_log(f'{type(self).__name__}: load {cfg["checkpoint"]}', logger='current')
-            load_state_dict(self, state, strict=False, logger='current')
+            load_pretrained(self, cfg)
             self._is_init = True
             return
         super().init_weights()

@@ -1,0 +1,167 @@
+"""Reading checkpoints and loading them into the backbones (``init_cfg``).
+
+``torch.load`` runs with ``weights_only=True`` (the default of torch >= 2.6); only
+plain-data types are allow-listed: numpy values and mmengine's ``HistoryBuffer``
+(``pale_mm.compat``, for Runner checkpoints) and ``argparse.Namespace``
+(ScalableViT and DeiT-style checkpoints keep their training ``args`` in one).
+
+``load_pretrained`` accepts a timm classification checkpoint (raw, ``{'model': ...}``,
+``{'state_dict': ...}``, ``module.`` prefixes) or a full mmdet / mmseg checkpoint with
+``prefix='backbone.'``. Every backbone tensor must come from the checkpoint except the
+per-stage output norms ``norm{i}``; the classifier's final ``norm`` (a LayerNorm over
+the last stage, the same place as the last output norm) is loaded into
+``norm{last}`` when that output is used, and ``head.*`` is dropped. Shape mismatches
+raise an error naming the key and both shapes.
+"""
+import argparse
+import os
+import pickle
+from typing import Optional
+
+import torch
+
+__all__ = ['allow_namespace_in_checkpoints', 'unwrap_state_dict',
+           'load_state_dict_from_checkpoint', 'load_pretrained', 'CheckpointError']
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+_NAMESPACE_ALLOWED = False
+
+
+def allow_namespace_in_checkpoints() -> bool:
+    """Allow-list ``argparse.Namespace`` for ``torch.load(weights_only=True)``.
+
+    A Namespace is a plain attribute bag; unpickling one runs no code beyond setting
+    its ``__dict__``. Idempotent; returns False on torch without
+    ``torch.serialization.add_safe_globals`` (torch < 2.4, where loading is not
+    restricted anyway)."""
+    global _NAMESPACE_ALLOWED
+    if _NAMESPACE_ALLOWED:
+        return True
+    add = getattr(torch.serialization, 'add_safe_globals', None)
+    if add is None:
+        return False
+    add([argparse.Namespace])
+    _NAMESPACE_ALLOWED = True
+    return True
+
+
+def unwrap_state_dict(checkpoint, prefix: Optional[str] = None) -> dict:
+    """The state dict inside a checkpoint: ``checkpoint['state_dict']``,
+    ``checkpoint['model']`` (official LIT / ScalableViT releases), or the dict itself;
+    a leading ``module.`` (DDP) is stripped and, with ``prefix``, only keys under it are
+    kept, without it."""
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f'expected a checkpoint dict, got {type(checkpoint).__name__}')
+    state = checkpoint
+    for key in ('state_dict', 'model', 'module'):
+        if key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    state = {(k[7:] if k.startswith('module.') else k): v for k, v in state.items()}
+    if prefix:
+        prefix = prefix if prefix.endswith('.') else prefix + '.'
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise ValueError(f'no keys start with prefix {prefix!r} in the checkpoint')
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        bad = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))[:5]
+        raise ValueError(f'checkpoint does not look like a state dict: non-tensor entries '
+                         f'{bad}')
+    return state
+
+
+def load_state_dict_from_checkpoint(filename: str, map_location='cpu',
+                                    prefix: Optional[str] = None) -> dict:
+    """Read ``filename`` (a path or URL, through mmengine's loaders) safely and
+    return the unwrapped state dict. Unreadable files raise a clear error."""
+    from mmengine.runner.checkpoint import _load_checkpoint
+
+    from pale_mm.compat import allow_numpy_in_checkpoints
+    allow_namespace_in_checkpoints()
+    allow_numpy_in_checkpoints()
+    if not isinstance(filename, str):
+        raise TypeError(f'checkpoint must be a path or URL string, got '
+                        f'{type(filename).__name__}')
+    is_url = '://' in filename
+    if not is_url and not os.path.isfile(filename):
+        raise FileNotFoundError(f'checkpoint file not found: {filename}')
+    try:
+        checkpoint = _load_checkpoint(filename, map_location=map_location)
+    except pickle.UnpicklingError as e:
+        msg = str(e).splitlines()[0]
+        if 'weights_only' in str(e) or 'Weights only' in str(e):
+            raise CheckpointError(
+                f'checkpoint {filename} holds Python objects that are not allowed under '
+                f'torch.load(weights_only=True) ({msg}). pale_mm allows plain data only '
+                f'(tensors, numpy values, argparse.Namespace); re-save the state dict, or '
+                f'load it yourself with weights_only=False if you trust its source.') from None
+        raise CheckpointError(f'cannot read checkpoint {filename}: not a PyTorch checkpoint '
+                              f'({msg})') from None
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch raises many types for a bad file (even IndexError)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f'cannot read checkpoint {filename}: the file is truncated, '
+                              f'corrupt or not a PyTorch checkpoint ({msg})') from None
+    try:
+        return unwrap_state_dict(checkpoint, prefix)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f'checkpoint {filename}: {e}') from None
+
+
+def load_pretrained(model, cfg: dict, logger='current') -> dict:
+    """Load ``cfg['checkpoint']`` into ``model`` (a pale_mm backbone) as described in
+    the module docstring; log a short summary and return it."""
+    from mmengine.logging import print_log
+    name = type(model).__name__
+    filename = cfg['checkpoint']
+    state = load_state_dict_from_checkpoint(filename, cfg.get('map_location', 'cpu'),
+                                            cfg.get('prefix'))
+    state = model._adapt_state_dict(state)
+    own = model.state_dict()
+    last = model.num_stages - 1
+    out_norms = {f'norm{i}' for i in range(model.num_stages)}
+    dropped = sorted(k for k in state if k.startswith('head.') or k == 'head')
+    state = {k: v for k, v in state.items() if k not in dropped}
+    if f'norm{last}.weight' in own and f'norm{last}.weight' not in state:
+        for p in ('weight', 'bias'):
+            if f'norm.{p}' in state and state[f'norm.{p}'].shape == own[f'norm{last}.{p}'].shape:
+                state[f'norm{last}.{p}'] = state.pop(f'norm.{p}')
+    unexpected = sorted(k for k in state if k not in own)
+    missing = sorted(k for k in own if k not in state)
+    mismatched = [(k, tuple(state[k].shape), tuple(own[k].shape))
+                  for k in state if k in own and state[k].shape != own[k].shape]
+    shared = len(state) - len(unexpected)
+    if not shared:
+        prefixes = sorted({k.split('.')[0] + '.' for k in unexpected})[:6]
+        hint = " (it looks like a full detector/segmentor checkpoint: set prefix='backbone.')" \
+            if 'backbone.' in prefixes else ''
+        raise CheckpointError(f'{name}: no tensor of checkpoint {filename} matches the model; '
+                              f'its keys start with {prefixes}{hint}')
+    if len(mismatched) > 1:
+        k, a, b = mismatched[0]
+        raise CheckpointError(
+            f'{name}: checkpoint {filename} is for a different architecture: '
+            f'{len(mismatched)} of {shared} tensors differ in shape, e.g. {k}: checkpoint '
+            f'{a} vs model {b}')
+    if mismatched:
+        k, a, b = mismatched[0]
+        raise CheckpointError(f'{name}: size mismatch for {k}: checkpoint {a} vs model {b} '
+                              f'(checkpoint {filename})')
+    required = [k for k in missing if k.split('.')[0] not in out_norms
+                and not k.endswith('num_batches_tracked')]
+    if required:
+        raise CheckpointError(
+            f'{name}: checkpoint {filename} lacks {len(required)} backbone tensors, e.g. '
+            f'{required[:5]}; only the output norms norm0..norm{last} may be missing')
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    summary = dict(loaded=shared, missing=missing, unexpected=unexpected + dropped)
+    print_log(f'{name}: loaded {shared} tensors from {filename}'
+              f'{" (prefix " + repr(cfg.get("prefix")) + ")" if cfg.get("prefix") else ""}; '
+              f'missing, kept at init: {missing or "none"}; '
+              f'unexpected, ignored: {summary["unexpected"] or "none"}', logger=logger)
+    return summary
