@@ -1,0 +1,43 @@
+"""Smoke test of tools/analysis/benchmark.py on tiny settings (not a timing test)."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location(
+        'benchmark', os.path.join(ROOT, 'tools', 'analysis', 'benchmark.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fit_exponent():
+    bench = _load()
+    assert bench.fit_exponent([1, 10, 100], [2, 20, 200]) == pytest.approx(1.0)
+    assert bench.fit_exponent([1, 10, 100], [3, 300, 30000]) == pytest.approx(2.0)
+
+
+def test_benchmark_runs_and_writes_results(tmp_path):
+    bench = _load()
+    res = bench.main([
+        '--archs', 'tiny', '--res', '64', '--modes', 'infer', 'train', '--reps', '1',
+        '--warmup', '1', '--sweep', '14', '21x28', '--sweep-dim', '32', '--sweep-heads', '2',
+        '--sweep-reps', '1', '--cp-res', '64', '--mem-probe', '64', '96',
+        '--out', str(tmp_path)])
+    data = json.loads((tmp_path / 'benchmark.json').read_text())
+    assert (tmp_path / 'benchmark.png').stat().st_size > 1000
+    assert len(data['backbones']) == 2
+    for row in data['backbones']:
+        for k in ('pale', 'swin'):
+            assert row[k]['img_per_s'] > 0 and row[k]['gmadds'] > 0
+            assert 0 < row[k]['gemm_fraction'] < 5
+        assert row['ratio_pale_over_swin'] == pytest.approx(
+            row['swin']['median_s'] / row['pale']['median_s'])
+    assert set(data['attention']['exponent']) == {'pale', 'window', 'global'}
+    assert data['memory']['max_square']['pale']['max_side'] > 0
+    assert res['gemm_gflops'] > 0

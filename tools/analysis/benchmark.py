@@ -1,0 +1,410 @@
+#!/usr/bin/env python
+"""Pale Transformer next to mmdet's Swin Transformer, measured in one run.
+
+    python tools/analysis/benchmark.py                      # full run (CPU: ~30 min)
+    python tools/analysis/benchmark.py --archs tiny --res 512 --reps 5
+    python tools/analysis/benchmark.py --device cuda --amp bf16
+
+For every (arch, resolution, mode) the Pale and Swin backbones run interleaved in
+the same process, after warm-up, and the median time is reported with images/s,
+the Pale/Swin throughput ratio, peak memory (CPU: RSS above the pre-step level,
+sampled every ms; CUDA: max allocated), multiply-adds (``pale_mm.flops``, attention
+included) and the achieved GFLOP/s as a fraction of this machine's fp32 GEMM rate,
+measured at the start. An attention-level sweep times PS-Attention, Swin window
+attention and global attention at equal width over growing token grids and fits
+time ~ tokens^p. Memory at scale: peak training memory with and without
+``with_cp``, and the largest square input that fits a memory budget. Results go
+to JSON and a PNG plot.
+"""
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+
+SWIN = {
+    'tiny': dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    'small': dict(embed_dims=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    'base': dict(embed_dims=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+}
+
+
+def build_pale(arch, **kw):
+    from pale_mm.models import PaleTransformer
+    m = PaleTransformer(arch, drop_path_rate=0., **kw)
+    m.init_weights()
+    return m
+
+
+def build_swin(arch, with_cp=False):
+    from mmdet.models.backbones import SwinTransformer
+    m = SwinTransformer(**SWIN[arch], window_size=7, drop_path_rate=0., with_cp=with_cp)
+    m.init_weights()
+    return m
+
+
+# ----------------------------------------------------------------------------- measuring
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA max allocated, or process RSS
+    sampled by a background thread (torch ops release the GIL)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    @staticmethod
+    def _rss():
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+    def __enter__(self):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        gc.collect()
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self._rss())
+                time.sleep(0.001)
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+            self.bytes = self.peak - self.base
+
+
+def make_step(model, x, mode, amp):
+    device = x.device
+    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else None
+
+    def run():
+        if ctx:
+            with ctx():
+                return model(x)
+        return model(x)
+
+    if mode == 'infer':
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                run()
+    else:
+        model.train()
+
+        def step():
+            outs = run()
+            sum(o.float().mean() for o in outs).backward()
+            for p in model.parameters():
+                p.grad = None
+    return step
+
+
+def timed(step, device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    step()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def gemm_rate(device, n=2048, reps=5):
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    best = min(timed(lambda: a @ b, device) for _ in range(reps + 1))
+    return 2 * n ** 3 / best
+
+
+def fit_exponent(tokens, times):
+    xs = [math.log(t) for t in tokens]
+    ys = [math.log(t) for t in times]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+# ----------------------------------------------------------------------------- sections
+def bench_backbones(args, device, gemm, bar):
+    from pale_mm.flops import count_flops
+    rows = []
+    for arch in args.archs:
+        for res in args.res:
+            h, w = res
+            x = torch.randn(args.batch, 3, h, w, device=device)
+            models = {'pale': build_pale(arch).to(device), 'swin': build_swin(arch).to(device)}
+            madds = {k: count_flops(m.cpu(), (3, h, w)) * args.batch for k, m in models.items()}
+            for m in models.values():
+                m.to(device)
+            for mode in args.modes:
+                steps = {k: make_step(m, x, mode, args.amp) for k, m in models.items()}
+                mem = {}
+                for k, step in steps.items():  # warm-up, memory from its last run
+                    for _ in range(args.warmup - 1):
+                        step()
+                    with PeakMemory(device) as pm:
+                        step()
+                    mem[k] = pm.bytes
+                times = {k: [] for k in steps}
+                for _ in range(args.reps):  # interleaved
+                    for k, step in steps.items():
+                        times[k].append(timed(step, device))
+                med = {k: statistics.median(v) for k, v in times.items()}
+                row = dict(arch=arch, res=f'{h}x{w}', mode=mode, batch=args.batch)
+                for k in steps:
+                    factor = 3 if mode == 'train' else 1  # backward ~ 2x forward
+                    row[k] = dict(
+                        median_s=med[k], times_s=times[k], img_per_s=args.batch / med[k],
+                        peak_mem_mb=mem[k] / 2 ** 20, gmadds=madds[k] / 1e9,
+                        gemm_fraction=2 * madds[k] * factor / med[k] / gemm)
+                row['ratio_pale_over_swin'] = med['swin'] / med['pale']
+                rows.append(row)
+                bar.update(1)
+                bar.write(fmt_row(row))
+            del models
+            gc.collect()
+    return rows
+
+
+def fmt_row(r):
+    p, s = r['pale'], r['swin']
+    return (f"{r['arch']:>5} {r['res']:>9} {r['mode']:>5} | Pale {p['img_per_s']:7.2f} img/s "
+            f"{p['peak_mem_mb']:7.0f} MB {p['gmadds']:6.1f} GMACs {100 * p['gemm_fraction']:4.0f}% "
+            f"| Swin {s['img_per_s']:7.2f} img/s {s['peak_mem_mb']:7.0f} MB {s['gmadds']:6.1f} "
+            f"GMACs {100 * s['gemm_fraction']:4.0f}% | Pale/Swin {r['ratio_pale_over_swin']:.2f}x")
+
+
+class _GlobalAttention(torch.nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, hw):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(o.transpose(1, 2).reshape(B, N, C))
+
+
+class _WindowAttention(torch.nn.Module):
+    """mmdet's ShiftWindowMSA (Swin's attention, with its padding), non-shifted."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        from mmdet.models.backbones.swin import ShiftWindowMSA
+        self.attn = ShiftWindowMSA(dim, heads, window_size=7, shift_size=0)
+
+    def forward(self, x, hw):
+        return self.attn(x, hw)
+
+
+def bench_attention(args, device, bar):
+    from pale_mm.models import PSAttention
+    dim, heads = args.sweep_dim, args.sweep_heads
+    mods = {'pale': PSAttention(dim, heads, 7), 'window': _WindowAttention(dim, heads),
+            'global': _GlobalAttention(dim, heads)}
+    out = {k: [] for k in mods}
+    for h, w in args.sweep:
+        x = torch.randn(1, h * w, dim, device=device)
+        for k, m in mods.items():
+            m.to(device).eval()
+            if k == 'global' and (h * w) ** 2 * dim > args.global_limit:
+                continue  # quadratic: skip grids that would take minutes
+            with torch.no_grad():
+                m(x, (h, w))
+                ts = [timed(lambda: m(x, (h, w)), device) for _ in range(args.sweep_reps)]
+            out[k].append(dict(hw=[h, w], tokens=h * w, median_s=statistics.median(ts)))
+        bar.update(1)
+    fits = {k: fit_exponent([r['tokens'] for r in v], [r['median_s'] for r in v])
+            for k, v in out.items() if len(v) >= 2}
+    return dict(dim=dim, heads=heads, results=out, exponent=fits)
+
+
+def bench_memory(args, device, bar):
+    """with_cp on/off peak training memory, and the largest square forward input that
+    fits ``--mem-budget-gb`` (CPU: extrapolated from a linear fit of measured peaks)."""
+    res = dict(with_cp=[], max_square={})
+    for h, w in args.cp_res:
+        x = torch.randn(1, 3, h, w, device=device)
+        row = dict(res=f'{h}x{w}')
+        for name, build in (('pale', build_pale), ('swin', build_swin)):
+            for cp in (False, True):
+                m = build('tiny', with_cp=cp).to(device)
+                step = make_step(m, x, 'train', args.amp)
+                with PeakMemory(device) as pm:
+                    step()
+                row[f'{name}{"_cp" if cp else ""}_mb'] = pm.bytes / 2 ** 20
+                del m, step
+                gc.collect()
+            row[f'{name}_cp_saving'] = 1 - row[f'{name}_cp_mb'] / row[f'{name}_mb']
+        res['with_cp'].append(row)
+        bar.update(1)
+    budget = args.mem_budget_gb * 2 ** 30
+    for name, build in (('pale', build_pale), ('swin', build_swin)):
+        m = build('tiny').to(device)
+        m.eval()  # mmdet's SwinTransformer.train() returns None: don't chain
+        pts = []
+        for s in args.mem_probe:
+            x = torch.randn(1, 3, s, s, device=device)
+            with PeakMemory(device) as pm, torch.no_grad():
+                m(x)
+            pts.append((s * s, pm.bytes))
+            del x
+            gc.collect()
+        xs, ys = zip(*pts)
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+        icpt = my - slope * mx
+        side = int(math.sqrt(max(budget - icpt, 0) / slope)) if slope > 0 else None
+        res['max_square'][name] = dict(
+            probes=[dict(side=int(math.sqrt(a)), peak_mb=b / 2 ** 20) for a, b in pts],
+            bytes_per_pixel=slope, budget_gb=args.mem_budget_gb, max_side=side,
+            method='linear fit of measured forward peaks (extrapolated)')
+        bar.update(1)
+    return res
+
+
+def plot(result, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    rows = [r for r in result['backbones'] if r['mode'] == 'infer']
+    labels = [f"{r['arch'][0].upper()} {r['res']}" for r in rows]
+    xs = range(len(rows))
+    axes[0].bar([i - 0.2 for i in xs], [r['pale']['img_per_s'] for r in rows], 0.4,
+                label='Pale')
+    axes[0].bar([i + 0.2 for i in xs], [r['swin']['img_per_s'] for r in rows], 0.4,
+                label='Swin (mmdet)')
+    for i, r in enumerate(rows):
+        axes[0].text(i, max(r['pale']['img_per_s'], r['swin']['img_per_s']),
+                     f"{r['ratio_pale_over_swin']:.2f}x", ha='center', va='bottom', fontsize=8)
+    axes[0].set_xticks(list(xs), labels, rotation=30, ha='right')
+    axes[0].set_yscale('log')
+    axes[0].set_ylabel('images / s (forward, log)')
+    axes[0].set_title(f"Backbone inference throughput ({result['device']})")
+    axes[0].legend()
+    sweep = result.get('attention')
+    if sweep:
+        for k, v in sweep['results'].items():
+            if v:
+                p = sweep['exponent'].get(k)
+                axes[1].loglog([r['tokens'] for r in v], [r['median_s'] for r in v], 'o-',
+                               label=f'{k} (p={p:.2f})' if p else k)
+        axes[1].set_xlabel('tokens (H*W)')
+        axes[1].set_ylabel('seconds (median)')
+        axes[1].set_title(f"Attention at width {sweep['dim']}: time ~ tokens^p")
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse_hw(s):
+    h, _, w = s.partition('x')
+    return int(h), int(w or h)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--archs', nargs='+', default=['tiny', 'small', 'base'],
+                    choices=['tiny', 'small', 'base'])
+    ap.add_argument('--res', nargs='+', type=parse_hw, default=[(224, 224), (512, 512),
+                                                                (800, 1216)])
+    ap.add_argument('--modes', nargs='+', default=['infer', 'train'],
+                    choices=['infer', 'train'])
+    ap.add_argument('--batch', type=int, default=1)
+    ap.add_argument('--warmup', type=int, default=2)
+    ap.add_argument('--reps', type=int, default=5)
+    ap.add_argument('--device', default='cpu')
+    ap.add_argument('--amp', choices=['bf16', 'fp16'], default=None)
+    ap.add_argument('--threads', type=int, default=None, help='torch threads (CPU)')
+    ap.add_argument('--sections', nargs='+', default=['backbones', 'attention', 'memory'],
+                    choices=['backbones', 'attention', 'memory'])
+    ap.add_argument('--sweep', nargs='+', type=parse_hw,
+                    default=[(56, 56), (64, 64), (100, 100), (128, 128), (160, 160),
+                             (200, 200), (200, 334)])
+    ap.add_argument('--sweep-dim', type=int, default=128)
+    ap.add_argument('--sweep-heads', type=int, default=4)
+    ap.add_argument('--sweep-reps', type=int, default=3)
+    ap.add_argument('--global-limit', type=float, default=2e11,
+                    help='skip global attention above tokens^2*dim')
+    ap.add_argument('--cp-res', nargs='+', type=parse_hw, default=[(800, 1216), (1024, 1024)])
+    ap.add_argument('--mem-probe', nargs='+', type=int, default=[256, 512, 768, 1024])
+    ap.add_argument('--mem-budget-gb', type=float, default=16)
+    ap.add_argument('--out', default='work_dirs/benchmark')
+    args = ap.parse_args(argv)
+    args.amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None}[args.amp]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        ap.error('--device cuda but no CUDA device is available')
+    import pale_mm  # noqa: F401
+    from tqdm import tqdm
+
+    os.makedirs(args.out, exist_ok=True)
+    gemm = gemm_rate(device)
+    dev_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
+        f'{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads'
+    print(f'device: {dev_name}; fp32 GEMM 2048^3: {gemm / 1e9:.0f} GFLOP/s; '
+          f'amp: {args.amp}; torch {torch.__version__}')
+    total = 0
+    if 'backbones' in args.sections:
+        total += len(args.archs) * len(args.res) * len(args.modes)
+    if 'attention' in args.sections:
+        total += len(args.sweep)
+    if 'memory' in args.sections:
+        total += len(args.cp_res) + 2
+    result = dict(device=dev_name, gemm_gflops=gemm / 1e9, torch=torch.__version__,
+                  amp=str(args.amp), batch=args.batch, reps=args.reps, statistic='median')
+    with tqdm(total=total, desc='benchmark', file=sys.stdout, dynamic_ncols=True) as bar:
+        if 'backbones' in args.sections:
+            result['backbones'] = bench_backbones(args, device, gemm, bar)
+        if 'attention' in args.sections:
+            result['attention'] = bench_attention(args, device, bar)
+            bar.write('attention exponents: ' + ', '.join(
+                f'{k} {v:.2f}' for k, v in result['attention']['exponent'].items()))
+        if 'memory' in args.sections:
+            result['memory'] = bench_memory(args, device, bar)
+            for r in result['memory']['with_cp']:
+                bar.write(f"with_cp at {r['res']}: Pale {r['pale_mb']:.0f} -> "
+                          f"{r['pale_cp_mb']:.0f} MB ({100 * r['pale_cp_saving']:.0f}% less), "
+                          f"Swin {r['swin_mb']:.0f} -> {r['swin_cp_mb']:.0f} MB")
+            for k, v in result['memory']['max_square'].items():
+                bar.write(f"largest square forward in {v['budget_gb']:.0f} GB, {k}: "
+                          f"{v['max_side']} px ({v['method']})")
+    path = os.path.join(args.out, 'benchmark.json')
+    with open(path, 'w') as f:
+        json.dump(result, f, indent=1)
+    if 'backbones' in result:
+        plot(result, os.path.join(args.out, 'benchmark.png'))
+    print(f'wrote {path}' + (' and benchmark.png' if 'backbones' in result else ''))
+    return result
+
+
+if __name__ == '__main__':
+    main()
