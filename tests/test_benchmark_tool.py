@@ -25,19 +25,20 @@ def test_fit_exponent():
 def test_benchmark_runs_and_writes_results(tmp_path):
     bench = _load()
     res = bench.main([
-        '--archs', 'tiny', '--res', '64', '--modes', 'infer', 'train', '--reps', '1',
+        '--models', 'pale:tiny', 'scalablevit:s', '--res', '64', '--modes', 'infer', 'train', '--reps', '1',
         '--warmup', '1', '--sweep', '14', '21x28', '--sweep-dim', '32', '--sweep-heads', '2',
         '--sweep-reps', '1', '--cp-res', '64', '--mem-probe', '64', '96',
         '--out', str(tmp_path)])
     data = json.loads((tmp_path / 'benchmark.json').read_text())
     assert (tmp_path / 'benchmark.png').stat().st_size > 1000
-    assert len(data['backbones']) == 2
+    assert len(data['backbones']) == 4
+    assert {r['model'] for r in data['backbones']} == {'pale:tiny', 'scalablevit:s'}
     for row in data['backbones']:
-        for k in ('pale', 'swin'):
+        for k in ('ours', 'swin'):
             assert row[k]['img_per_s'] > 0 and row[k]['gmadds'] > 0
             assert 0 < row[k]['gemm_fraction'] < 5
-        assert row['ratio_pale_over_swin'] == pytest.approx(
-            row['swin']['median_s'] / row['pale']['median_s'])
+        assert row['ratio_ours_over_swin'] == pytest.approx(
+            row['swin']['median_s'] / row['ours']['median_s'])
     assert set(data['attention']['exponent']) == {'pale', 'window', 'global'}
     assert data['memory']['max_square']['pale']['max_side'] > 0
     assert res['gemm_gflops'] > 0

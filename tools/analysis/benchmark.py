@@ -7,7 +7,7 @@
 
 For every (arch, resolution, mode) the Pale and Swin backbones run interleaved in
 the same process, after warm-up, and the median time is reported with images/s,
-the Pale/Swin throughput ratio, peak memory (CPU: RSS above the pre-step level,
+the ours/Swin throughput ratio (Pale, LIT or ScalableViT against the Swin of matching size), peak memory (CPU: RSS above the pre-step level,
 sampled every ms; CUDA: max allocated), multiply-adds (``pale_mm.flops``, attention
 included) and the achieved GFLOP/s as a fraction of this machine's fp32 GEMM rate,
 measured at the start. An attention-level sweep times PS-Attention, Swin window
@@ -43,6 +43,22 @@ def build_pale(arch, **kw):
     m = PaleTransformer(arch, drop_path_rate=0., **kw)
     m.init_weights()
     return m
+
+
+def build_ours(spec, **kw):
+    """``family:arch`` (pale:tiny, lit:s, scalablevit:b) -> backbone."""
+    from pale_mm.models import LIT, PaleTransformer, ScalableViT
+    family, arch = spec.split(':')
+    cls = dict(pale=PaleTransformer, lit=LIT, scalablevit=ScalableViT)[family]
+    m = cls(arch, drop_path_rate=0., **kw)
+    m.init_weights()
+    return m
+
+
+# the Swin of matching size for each of our models
+SWIN_PEER = {'pale:tiny': 'tiny', 'pale:small': 'small', 'pale:base': 'base',
+             'lit:ti': 'tiny', 'lit:s': 'tiny', 'lit:m': 'small', 'lit:b': 'base',
+             'scalablevit:s': 'tiny', 'scalablevit:b': 'small', 'scalablevit:l': 'base'}
 
 
 def build_swin(arch, with_cp=False):
@@ -149,11 +165,12 @@ def fit_exponent(tokens, times):
 def bench_backbones(args, device, gemm, bar):
     from pale_mm.flops import count_flops
     rows = []
-    for arch in args.archs:
+    for spec in args.models:
         for res in args.res:
             h, w = res
             x = torch.randn(args.batch, 3, h, w, device=device)
-            models = {'pale': build_pale(arch).to(device), 'swin': build_swin(arch).to(device)}
+            models = {'ours': build_ours(spec).to(device),
+                      'swin': build_swin(SWIN_PEER[spec]).to(device)}
             madds = {k: count_flops(m.cpu(), (3, h, w)) * args.batch for k, m in models.items()}
             for m in models.values():
                 m.to(device)
@@ -171,14 +188,15 @@ def bench_backbones(args, device, gemm, bar):
                     for k, step in steps.items():
                         times[k].append(timed(step, device))
                 med = {k: statistics.median(v) for k, v in times.items()}
-                row = dict(arch=arch, res=f'{h}x{w}', mode=mode, batch=args.batch)
+                row = dict(model=spec, arch=spec.split(':')[1], swin=SWIN_PEER[spec],
+                           res=f'{h}x{w}', mode=mode, batch=args.batch)
                 for k in steps:
                     factor = 3 if mode == 'train' else 1  # backward ~ 2x forward
                     row[k] = dict(
                         median_s=med[k], times_s=times[k], img_per_s=args.batch / med[k],
                         peak_mem_mb=mem[k] / 2 ** 20, gmadds=madds[k] / 1e9,
                         gemm_fraction=2 * madds[k] * factor / med[k] / gemm)
-                row['ratio_pale_over_swin'] = med['swin'] / med['pale']
+                row['ratio_ours_over_swin'] = med['swin'] / med['ours']
                 rows.append(row)
                 bar.update(1)
                 bar.write(fmt_row(row))
@@ -188,11 +206,11 @@ def bench_backbones(args, device, gemm, bar):
 
 
 def fmt_row(r):
-    p, s = r['pale'], r['swin']
-    return (f"{r['arch']:>5} {r['res']:>9} {r['mode']:>5} | Pale {p['img_per_s']:7.2f} img/s "
+    p, s = r['ours'], r['swin']
+    return (f"{r['model']:>13} {r['res']:>9} {r['mode']:>5} | ours {p['img_per_s']:7.2f} img/s "
             f"{p['peak_mem_mb']:7.0f} MB {p['gmadds']:6.1f} GMACs {100 * p['gemm_fraction']:4.0f}% "
             f"| Swin {s['img_per_s']:7.2f} img/s {s['peak_mem_mb']:7.0f} MB {s['gmadds']:6.1f} "
-            f"GMACs {100 * s['gemm_fraction']:4.0f}% | Pale/Swin {r['ratio_pale_over_swin']:.2f}x")
+            f"GMACs {100 * s['gemm_fraction']:4.0f}% | ours/Swin {r['ratio_ours_over_swin']:.2f}x")
 
 
 class _GlobalAttention(torch.nn.Module):
@@ -293,15 +311,15 @@ def plot(result, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     rows = [r for r in result['backbones'] if r['mode'] == 'infer']
-    labels = [f"{r['arch'][0].upper()} {r['res']}" for r in rows]
+    labels = [f"{r['model']} {r['res']}" for r in rows]
     xs = range(len(rows))
-    axes[0].bar([i - 0.2 for i in xs], [r['pale']['img_per_s'] for r in rows], 0.4,
-                label='Pale')
+    axes[0].bar([i - 0.2 for i in xs], [r['ours']['img_per_s'] for r in rows], 0.4,
+                label='ours (pale_mm)')
     axes[0].bar([i + 0.2 for i in xs], [r['swin']['img_per_s'] for r in rows], 0.4,
                 label='Swin (mmdet)')
     for i, r in enumerate(rows):
-        axes[0].text(i, max(r['pale']['img_per_s'], r['swin']['img_per_s']),
-                     f"{r['ratio_pale_over_swin']:.2f}x", ha='center', va='bottom', fontsize=8)
+        axes[0].text(i, max(r['ours']['img_per_s'], r['swin']['img_per_s']),
+                     f"{r['ratio_ours_over_swin']:.2f}x", ha='center', va='bottom', fontsize=8)
     axes[0].set_xticks(list(xs), labels, rotation=30, ha='right')
     axes[0].set_yscale('log')
     axes[0].set_ylabel('images / s (forward, log)')
@@ -330,8 +348,10 @@ def parse_hw(s):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--archs', nargs='+', default=['tiny', 'small', 'base'],
-                    choices=['tiny', 'small', 'base'])
+    ap.add_argument('--models', nargs='+', choices=sorted(SWIN_PEER),
+                    default=['pale:tiny', 'pale:small', 'pale:base', 'lit:s', 'scalablevit:s'],
+                    help='our backbones (family:arch); each is compared with the Swin of '
+                         'matching size')
     ap.add_argument('--res', nargs='+', type=parse_hw, default=[(224, 224), (512, 512),
                                                                 (800, 1216)])
     ap.add_argument('--modes', nargs='+', default=['infer', 'train'],
@@ -374,7 +394,7 @@ def main(argv=None):
           f'amp: {args.amp}; torch {torch.__version__}')
     total = 0
     if 'backbones' in args.sections:
-        total += len(args.archs) * len(args.res) * len(args.modes)
+        total += len(args.models) * len(args.res) * len(args.modes)
     if 'attention' in args.sections:
         total += len(args.sweep)
     if 'memory' in args.sections:
