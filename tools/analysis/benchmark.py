@@ -1,18 +1,19 @@
 #!/usr/bin/env python
-"""Pale Transformer next to mmdet's Swin Transformer, measured in one run.
+"""pale_mm backbones next to mmdet's Swin Transformer, measured in one run.
 
     python tools/analysis/benchmark.py                      # full run (CPU: ~30 min)
-    python tools/analysis/benchmark.py --archs tiny --res 512 --reps 5
+    python tools/analysis/benchmark.py --models pale:tiny --res 512 --reps 5
     python tools/analysis/benchmark.py --device cuda --amp bf16
 
-For every (arch, resolution, mode) the Pale and Swin backbones run interleaved in
-the same process, after warm-up, and the median time is reported with images/s,
-the ours/Swin throughput ratio (Pale, LIT or ScalableViT against the Swin of matching size), peak memory (CPU: RSS above the pre-step level,
-sampled every ms; CUDA: max allocated), multiply-adds (``pale_mm.flops``, attention
-included) and the achieved GFLOP/s as a fraction of this machine's fp32 GEMM rate,
-measured at the start. An attention-level sweep times PS-Attention, Swin window
-attention and global attention at equal width over growing token grids and fits
-time ~ tokens^p. Memory at scale: peak training memory with and without
+For every (model, resolution, mode) our backbone (Pale, LIT or ScalableViT) and
+the Swin of matching size run interleaved in the same process, after warm-up, and
+the median time is reported with images/s, the ours/Swin throughput ratio, peak
+memory (CPU: RSS above the pre-step level, sampled every ms; CUDA: max
+allocated), multiply-adds (``pale_mm.flops``, attention included) and the achieved
+GFLOP/s as a fraction of this machine's fp32 GEMM rate, measured at the start. An
+attention-level sweep times PS-Attention, Swin window attention and global
+attention at equal width over growing token grids and fits time ~ tokens^p.
+Memory at scale: peak training memory of Pale-T and Swin-T with and without
 ``with_cp``, and the largest square input that fits a memory budget. Results go
 to JSON and a PNG plot.
 """
