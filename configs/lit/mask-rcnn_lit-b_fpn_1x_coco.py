@@ -4,46 +4,8 @@
 # (official for Ti/S; ours for M/B).
 # Official ImageNet weights (github.com/ziplab/LIT releases, lit_b.pth) load as is:
 #   model.backbone.init_cfg=dict(type='Pretrained', checkpoint='lit_b.pth')
-_base_ = [
-    'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
-    'mmdet::_base_/datasets/coco_instance.py',
-    'mmdet::_base_/schedules/schedule_1x.py',
-    'mmdet::_base_/default_runtime.py',
-]
-custom_imports = dict(imports=['pale_mm'], allow_failed_imports=False)
-
+# Recipe: see mask-rcnn_lit-ti_fpn_1x_coco.py.
+_base_ = './mask-rcnn_lit-ti_fpn_1x_coco.py'
 model = dict(
-    type='MaskRCNN',
-    backbone=dict(
-        _delete_=True,
-        type='LIT',
-        arch='b',  # embed dims 128, 256, 512, 1024
-        drop_path_rate=0.5,
-        out_indices=(0, 1, 2, 3),
-        frozen_stages=-1,
-        with_cp=False,
-        init_cfg=None),
+    backbone=dict(arch='b', drop_path_rate=0.5),  # embed dims 128, 256, 512, 1024
     neck=dict(in_channels=[128, 256, 512, 1024]))
-
-max_epochs = 12
-train_cfg = dict(max_epochs=max_epochs)
-
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
-    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[8, 11],
-         gamma=0.1),
-]
-
-# The official LIT recipe (ziplab/LIT detection/configs/lit): AdamW lr 2e-4, weight
-# decay 1e-4, none on norms and relative position tables.
-optim_wrapper = dict(
-    type='OptimWrapper',
-    paramwise_cfg=dict(norm_decay_mult=0., custom_keys={
-        'relative_position_bias_table': dict(decay_mult=0.),
-        'pos_embed': dict(decay_mult=0.)}),
-    optimizer=dict(_delete_=True, type='AdamW', lr=2e-4, betas=(0.9, 0.999),
-                   weight_decay=1e-4))
-
-# 8 GPUs x 2 images = batch 16.
-train_dataloader = dict(batch_size=2)
-auto_scale_lr = dict(enable=False, base_batch_size=16)
