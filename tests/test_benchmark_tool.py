@@ -22,6 +22,7 @@ def test_fit_exponent():
     assert bench.fit_exponent([1, 10, 100], [3, 300, 30000]) == pytest.approx(2.0)
 
 
+@pytest.mark.slow
 def test_benchmark_runs_and_writes_results(tmp_path):
     bench = _load()
     res = bench.main([

@@ -39,13 +39,6 @@ SWIN = {
 }
 
 
-def build_pale(arch, **kw):
-    from pale_mm.models import PaleTransformer
-    m = PaleTransformer(arch, drop_path_rate=0., **kw)
-    m.init_weights()
-    return m
-
-
 def build_ours(spec, **kw):
     """``family:arch`` (pale:tiny, lit:s, scalablevit:b) -> backbone."""
     from pale_mm.models import LIT, PaleTransformer, ScalableViT
@@ -109,6 +102,50 @@ class PeakMemory:
             self._thread.join()
             self.peak = max(self.peak, self._rss())
             self.bytes = self.peak - self.base
+
+
+def _build_named(name, with_cp=False):
+    """'swin:tiny' -> mmdet Swin; 'pale:tiny' / 'lit:s' / ... -> ours."""
+    family, arch = name.split(':')
+    if family == 'swin':
+        return build_swin(arch, with_cp=with_cp)
+    return build_ours(name, with_cp=with_cp)
+
+
+def measure_peak(name, hw, mode, device, amp=None, with_cp=False, batch=1):
+    """Peak memory of one step, in bytes above the level before it.
+
+    CUDA: max allocated, in process. CPU: in a fresh subprocess with glibc's mmap
+    threshold pinned, so freed buffers go back to the OS and the sampled RSS shows
+    this step's own peak (in a long-running process the heap keeps earlier peaks)."""
+    if device.type == 'cuda':
+        m = _build_named(name, with_cp).to(device)
+        x = torch.randn(batch, 3, *hw, device=device)
+        step = make_step(m, x, mode, amp)
+        with PeakMemory(device) as pm:
+            step()
+        return pm.bytes
+    import subprocess
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
+    spec = json.dumps(dict(name=name, hw=list(hw), mode=mode, with_cp=with_cp, batch=batch,
+                           threads=torch.get_num_threads()))
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), '--_memory-case', spec],
+                         env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f'memory probe {spec} failed:\n{out.stderr[-2000:]}')
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_case(spec):
+    spec = json.loads(spec)
+    torch.set_num_threads(spec['threads'])
+    import pale_mm  # noqa: F401
+    m = _build_named(spec['name'], spec['with_cp'])
+    x = torch.randn(spec['batch'], 3, *spec['hw'])
+    step = make_step(m, x, spec['mode'], None)
+    with PeakMemory(torch.device('cpu')) as pm:
+        step()
+    print(pm.bytes)
 
 
 def make_step(model, x, mode, amp):
@@ -177,13 +214,11 @@ def bench_backbones(args, device, gemm, bar):
                 m.to(device)
             for mode in args.modes:
                 steps = {k: make_step(m, x, mode, args.amp) for k, m in models.items()}
-                mem = {}
-                for k, step in steps.items():  # warm-up, memory from its last run
-                    for _ in range(args.warmup - 1):
+                mem = {k: measure_peak(n, (h, w), mode, device, args.amp, batch=args.batch)
+                       for k, n in (('ours', spec), ('swin', 'swin:' + SWIN_PEER[spec]))}
+                for step in steps.values():  # warm-up
+                    for _ in range(args.warmup):
                         step()
-                    with PeakMemory(device) as pm:
-                        step()
-                    mem[k] = pm.bytes
                 times = {k: [] for k in steps}
                 for _ in range(args.reps):  # interleaved
                     for k, step in steps.items():
@@ -267,32 +302,18 @@ def bench_memory(args, device, bar):
     fits ``--mem-budget-gb`` (CPU: extrapolated from a linear fit of measured peaks)."""
     res = dict(with_cp=[], max_square={})
     for h, w in args.cp_res:
-        x = torch.randn(1, 3, h, w, device=device)
         row = dict(res=f'{h}x{w}')
-        for name, build in (('pale', build_pale), ('swin', build_swin)):
+        for name, full in (('pale', 'pale:tiny'), ('swin', 'swin:tiny')):
             for cp in (False, True):
-                m = build('tiny', with_cp=cp).to(device)
-                step = make_step(m, x, 'train', args.amp)
-                with PeakMemory(device) as pm:
-                    step()
-                row[f'{name}{"_cp" if cp else ""}_mb'] = pm.bytes / 2 ** 20
-                del m, step
-                gc.collect()
+                peak = measure_peak(full, (h, w), 'train', device, args.amp, with_cp=cp)
+                row[f'{name}{"_cp" if cp else ""}_mb'] = peak / 2 ** 20
             row[f'{name}_cp_saving'] = 1 - row[f'{name}_cp_mb'] / row[f'{name}_mb']
         res['with_cp'].append(row)
         bar.update(1)
     budget = args.mem_budget_gb * 2 ** 30
-    for name, build in (('pale', build_pale), ('swin', build_swin)):
-        m = build('tiny').to(device)
-        m.eval()  # mmdet's SwinTransformer.train() returns None: don't chain
-        pts = []
-        for s in args.mem_probe:
-            x = torch.randn(1, 3, s, s, device=device)
-            with PeakMemory(device) as pm, torch.no_grad():
-                m(x)
-            pts.append((s * s, pm.bytes))
-            del x
-            gc.collect()
+    for name, full in (('pale', 'pale:tiny'), ('swin', 'swin:tiny')):
+        pts = [(s * s, measure_peak(full, (s, s), 'infer', device, args.amp))
+               for s in args.mem_probe]
         xs, ys = zip(*pts)
         mx, my = statistics.fmean(xs), statistics.fmean(ys)
         slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
@@ -377,7 +398,10 @@ def main(argv=None):
     ap.add_argument('--mem-probe', nargs='+', type=int, default=[256, 512, 768, 1024])
     ap.add_argument('--mem-budget-gb', type=float, default=16)
     ap.add_argument('--out', default='work_dirs/benchmark')
+    ap.add_argument('--_memory-case', help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args._memory_case:
+        return _memory_case(args._memory_case)
     args.amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None}[args.amp]
     if args.threads:
         torch.set_num_threads(args.threads)
