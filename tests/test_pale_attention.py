@@ -38,6 +38,21 @@ def test_matches_dense_oracle(H, W, pale, heads, C):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize('H,W,pale,heads,C', SHAPES)
+def test_autograd_path_matches_oracle_with_gradients(H, W, pale, heads, C):
+    """The training implementation: values and gradients equal the dense oracle's."""
+    qkv = [torch.randn(2, H * W, C, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    ref_in = [t.detach().clone().requires_grad_() for t in qkv]
+    out = pale_attention(*qkv, (H, W), pale, heads)
+    ref = dense_pale_attention(*ref_in, (H, W), pale, heads)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    w = torch.randn_like(ref)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    for a, b in zip(qkv, ref_in):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10)
+
+
 def test_matches_dense_oracle_random_shapes():
     rng = random.Random(1234)
     for _ in range(60):
@@ -74,13 +89,16 @@ def test_oracle_is_not_global_attention():
     assert (pale - glob).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize('grad', [False, True], ids=['inference', 'autograd'])
 @pytest.mark.parametrize('H,W', [(9, 11), (16, 16), (3, 20)])
-def test_padding_cannot_leak(H, W, monkeypatch):
+def test_padding_cannot_leak(H, W, grad, monkeypatch):
     """Whatever the padded positions hold, real outputs are unchanged; and the
-    padding does reach the attention, so it is the key mask that stops it."""
+    padding does reach the attention, so it is the key mask that stops it. Both
+    implementations: in-place (inference) and out-of-place (autograd)."""
     import importlib
     mod = importlib.import_module('pale_mm.models.pale_attention')
-    q, k, v = (torch.randn(1, H * W, 8, dtype=torch.float64) for _ in range(3))
+    q, k, v = (torch.randn(1, H * W, 8, dtype=torch.float64, requires_grad=grad)
+               for _ in range(3))
     ref = pale_attention(q, k, v, (H, W), 7, 2)
     monkeypatch.setattr(mod, '_PAD_VALUE', 1e4)
     out = pale_attention(q, k, v, (H, W), 7, 2)

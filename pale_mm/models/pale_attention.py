@@ -102,6 +102,31 @@ def _branch_attention(qkv: Sequence[torch.Tensor], out: torch.Tensor, size: int,
         o[:, :full, :, lines - 1].permute(0, 1, 3, 2, 4))
 
 
+def _branch_attention_autograd(qkv: Sequence[torch.Tensor], size: int, num_heads: int,
+                               attn_drop: float) -> torch.Tensor:
+    """Same as :func:`_branch_attention`, built from out-of-place ops for training:
+    slice assignments into a shared buffer would make autograd clone the whole
+    buffer's gradient once per assignment. Returns ``(B, H, W, c)``."""
+    B, H, W, c = qkv[0].shape
+    groups, lines = pale_groups(H, size)
+    d = c // num_heads
+    pad = groups * lines - H
+
+    def group(t):
+        if pad:
+            t = F.pad(t, (0, 0, 0, 0, 0, pad), value=_PAD_VALUE)
+        return t.reshape(B, lines, groups, W, num_heads, d).permute(0, 2, 4, 1, 3, 5) \
+            .reshape(B * groups, num_heads, lines * W, d)
+
+    q, k, v = (group(t) for t in qkv)
+    mask = _key_mask(H, W, size, B, q.dtype, q.device)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn_drop,
+                                       scale=d ** -0.5)
+    o = o.view(B, groups, num_heads, lines, W, d).permute(0, 3, 1, 4, 2, 5) \
+        .reshape(B, lines * groups, W, c)
+    return o[:, :H] if pad else o
+
+
 def _check_heads(channels: int, num_heads: int):
     if num_heads < 2 or num_heads % 2:
         raise ValueError(f'PS-Attention splits the heads between a row and a column branch, '
@@ -122,6 +147,11 @@ def pale_attention_nhwc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     c = C // 2
     sr, sc = pale_size
     heads = num_heads // 2
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        row = _branch_attention_autograd([t[..., :c] for t in (q, k, v)], sr, heads, attn_drop)
+        col = _branch_attention_autograd([t[..., c:].transpose(1, 2) for t in (q, k, v)], sc,
+                                         heads, attn_drop)
+        return torch.cat([row, col.transpose(1, 2)], -1)
     out = q.new_empty(B, H, W, C)
     _branch_attention([t[..., :c] for t in (q, k, v)], out[..., :c], sr, heads, attn_drop)
     _branch_attention([t[..., c:].transpose(1, 2) for t in (q, k, v)],
@@ -210,9 +240,8 @@ class PSAttention(nn.Module):
 
         Each branch's depthwise conv output (channels-last) feeds its pointwise
         GEMM directly. In eval mode BatchNorm is folded into the conv; in training
-        it runs on batch statistics and updates its running statistics in place
-        (on contiguous slices), unless a checkpoint recompute is running (then
-        momentum 0 leaves them exactly as they are)."""
+        it runs on batch statistics and updates its running statistics once per
+        step (not during a gradient-checkpoint recompute)."""
         B, H, W, C = x.shape
         bn = self.qkv_bn
         xc = x.permute(0, 3, 1, 2)
@@ -225,7 +254,7 @@ class PSAttention(nn.Module):
             shift = bn.bias - bn.running_mean * scale
             dw = dw * scale.view(-1, 1, 1, 1)
         else:
-            momentum = 0.
+            momentum = 0.  # 0: leave the running statistics alone
             if self.update_bn_stats:
                 bn.num_batches_tracked.add_(1)
                 momentum = bn.momentum if bn.momentum is not None \
@@ -233,15 +262,37 @@ class PSAttention(nn.Module):
         out = []
         for t in range(3):
             sl = slice(t * C, (t + 1) * C)
+            w, b = pw[sl], None if pb is None else pb[sl]
             if fold:
-                y = F.conv2d(xc, dw[sl], shift[sl], 1, 1, 1, C)
+                y = F.conv2d(xc, dw[sl], shift[sl], 1, 1, 1, C).permute(0, 2, 3, 1)
             else:
-                y = F.conv2d(xc, dw[sl], None, 1, 1, 1, C)
-                y = F.batch_norm(y, bn.running_mean[sl], bn.running_var[sl], bn.weight[sl],
-                                 bn.bias[sl], True, momentum, bn.eps)
-            y = y.permute(0, 2, 3, 1)
-            out.append(F.linear(y, pw[sl], None if pb is None else pb[sl]))
+                y = F.conv2d(xc, dw[sl], None, 1, 1, 1, C).permute(0, 2, 3, 1)
+                w, b = self._fold_batch_norm(y, sl, momentum, w, b)
+            out.append(F.linear(y, w, b))
         return out
+
+    def _fold_batch_norm(self, y: torch.Tensor, sl: slice, momentum: float, weight, bias):
+        """Training-mode BatchNorm of channels ``sl`` of the ``(B, H, W, C)`` map ``y``,
+        folded into the following pointwise projection: ``W (s*y + t) + b =
+        (W*s) y + (W t + b)`` with the batch statistics' ``s`` and ``t``. Autograd
+        differentiates through the statistics, so gradients are exactly BatchNorm's,
+        and no normalised copy of ``y`` is stored. Updates the running statistics
+        like ``nn.BatchNorm2d`` (unbiased variance) when ``momentum > 0``."""
+        bn = self.qkv_bn
+        n = y.numel() // y.shape[-1]
+        if n < 2:
+            raise ValueError(f'PSAttention: BatchNorm in training needs more than one value '
+                             f'per channel, got a map of shape {tuple(y.shape)} (B, H, W, C); '
+                             f'use a larger input or batch, or norm_eval=True')
+        var, mean = torch.var_mean(y, dim=(0, 1, 2), unbiased=False)
+        if momentum:
+            with torch.no_grad():
+                bn.running_mean[sl].lerp_(mean, momentum)
+                bn.running_var[sl].lerp_(var * (n / (n - 1)), momentum)
+        scale = bn.weight[sl] * torch.rsqrt(var + bn.eps)
+        shift = bn.bias[sl] - mean * scale
+        folded_bias = weight @ shift if bias is None else torch.addmv(bias, weight, shift)
+        return weight * scale, folded_bias
 
     def forward(self, x: torch.Tensor, hw_shape: Sequence[int]) -> torch.Tensor:
         """x: ``(B, H*W, C)`` -> ``(B, H*W, C)``."""
