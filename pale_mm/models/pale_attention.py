@@ -6,11 +6,13 @@ holds ``sr`` rows interlaced over the whole height, each at full width. The seco
 half does the same with columns. Together a token sees its *pale*: ``sr`` interlaced
 rows plus ``sc`` interlaced columns.
 
-Sizes that are not multiples of the pale size are padded at the bottom / right and
-the padded tokens are masked out as keys, so results for real tokens never depend on
-what the padding holds (see ``shared/design/pale.md``).
+Sizes that are not multiples of the pale size follow the design's padded grouping
+(pad at the bottom / right, mask padded keys; ``shared/design/pale.md``). It is
+computed without materialising the padding: groups whose last line would be padding
+attend within their real lines, which is the same result without the masked work
+(:func:`_group_parts`).
 """
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -33,37 +35,28 @@ def pale_groups(length: int, size: int) -> Tuple[int, int]:
     return groups, -(-length // groups)
 
 
-_MASK_CACHE: Dict[tuple, torch.Tensor] = {}
-# What padded key/value slots hold. It cannot matter (they are masked); the tests
-# set it to garbage to prove that.
-_PAD_VALUE = 0.
+def _group_parts(H: int, size: int) -> List[Tuple[int, int, int]]:
+    """How the interlaced row groups of an ``H``-row map split into attention calls.
 
-
-def _key_mask(length: int, other: int, size: int, batch: int, dtype,
-              device) -> Union[torch.Tensor, None]:
-    """Additive key mask ``(batch*G, 1, 1, s*other)`` (0 or -inf) for one branch, or
-    ``None`` when nothing is padded. Key ``(i, j)`` of group ``g`` is line
-    ``i*G + g``; only the last line ``i = s-1`` of groups ``g >= length - (s-1)*G``
-    is padding. Cached per shape, dtype and device."""
-    groups, lines = pale_groups(length, size)
-    full = length - (lines - 1) * groups
-    if full == groups:
-        return None
-    key = (length, other, size, batch, dtype, str(device))
-    mask = _MASK_CACHE.get(key)
-    if mask is None:
-        mask = torch.zeros(groups, lines * other, dtype=dtype, device=device)
-        mask[full:, (lines - 1) * other:] = float('-inf')
-        mask = mask.repeat(batch, 1).view(batch * groups, 1, 1, lines * other)
-        if len(_MASK_CACHE) > 256:
-            _MASK_CACHE.clear()
-        _MASK_CACHE[key] = mask
-    return mask
+    Row ``r = i*G + g`` is line ``i`` of group ``g``. The first ``body = (s-1)*G``
+    rows fill lines ``0..s-2`` of every group; the last line exists only in groups
+    ``g < full = H - body``. Those groups have ``s`` real lines, the others ``s-1``.
+    Padding the others to ``s`` lines and masking the padded keys (the design's
+    definition) gives exactly the same result for real tokens as attending within
+    their ``s-1`` real lines, which is what is computed here: no padded token is
+    stored, attended or masked. Returns ``[(g0, g1, lines)]``.
+    """
+    groups, lines = pale_groups(H, size)
+    full = H - (lines - 1) * groups
+    parts = [(0, full, lines)]
+    if full < groups:
+        parts.append((full, groups, lines - 1))
+    return parts
 
 
 def _branch_attention(qkv: Sequence[torch.Tensor], out: torch.Tensor, size: int,
                       num_heads: int, attn_drop: float):
-    """Attention inside interlaced row groups, written into ``out``.
+    """Attention inside interlaced row groups, written into ``out`` (inference).
 
     Args:
         qkv: q, k and v, each ``(B, H, W, c)`` (any strides, e.g. a channel
@@ -71,35 +64,33 @@ def _branch_attention(qkv: Sequence[torch.Tensor], out: torch.Tensor, size: int,
         out: ``(B, H, W, c)`` view that receives the result.
         size: lines per group (``sr``).
 
-    Row ``r = i*G + g`` goes to group ``g``, line ``i``. Each element is copied
-    once into the grouped layout ``(3, B, G, heads, lines, W, d)``; the padded
-    tail of the last line is zero-filled and masked as keys, and its query outputs
-    are never copied back.
+    Each element is copied once into the grouped layout ``(3, B, groups, heads,
+    lines, W, d)`` of its part (see :func:`_group_parts`) and once back.
     """
     B, H, W, c = qkv[0].shape
     groups, lines = pale_groups(H, size)
     d = c // num_heads
-    body = (lines - 1) * groups  # rows in full lines
-    full = H - body              # groups with a real last line
-    buf = qkv[0].new_empty(3, B, groups, num_heads, lines, W, d)
-    for t, src in enumerate(qkv):
-        if body:
-            buf[t, :, :, :, :lines - 1] = src[:, :body].unflatten(1, (lines - 1, groups)) \
-                .unflatten(-1, (num_heads, d)).permute(0, 2, 4, 1, 3, 5)
-        buf[t, :, :full, :, lines - 1] = src[:, body:].unflatten(-1, (num_heads, d)) \
-            .permute(0, 1, 3, 2, 4)
-    if full < groups:
-        buf[:, :, full:, :, lines - 1] = _PAD_VALUE
-    q, k, v = buf.view(3, B * groups, num_heads, lines * W, d).unbind(0)
-    mask = _key_mask(H, W, size, B, q.dtype, q.device)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn_drop,
-                                       scale=d ** -0.5)
-    o = o.view(B, groups, num_heads, lines, W, d)
-    if body:
-        out[:, :body].unflatten(1, (lines - 1, groups)).unflatten(-1, (num_heads, d)) \
-            .copy_(o[:, :, :, :lines - 1].permute(0, 3, 1, 4, 2, 5))
-    out[:, body:].unflatten(-1, (num_heads, d)).copy_(
-        o[:, :full, :, lines - 1].permute(0, 1, 3, 2, 4))
+    body = (lines - 1) * groups
+    src_body = [t[:, :body].unflatten(1, (lines - 1, groups)).unflatten(-1, (num_heads, d))
+                for t in qkv]
+    dst_body = out[:, :body].unflatten(1, (lines - 1, groups)).unflatten(-1, (num_heads, d))
+    for g0, g1, n in _group_parts(H, size):
+        ng, nb = g1 - g0, min(n, lines - 1)
+        buf = qkv[0].new_empty(3, B, ng, num_heads, n, W, d)
+        for t, src in enumerate(qkv):
+            if nb:
+                buf[t, :, :, :, :nb] = src_body[t][:, :, g0:g1].permute(0, 2, 4, 1, 3, 5)
+            if n == lines:
+                buf[t, :, :, :, lines - 1] = src[:, body + g0:body + g1] \
+                    .unflatten(-1, (num_heads, d)).permute(0, 1, 3, 2, 4)
+        q, k, v = buf.view(3, B * ng, num_heads, n * W, d).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop, scale=d ** -0.5)
+        o = o.view(B, ng, num_heads, n, W, d)
+        if nb:
+            dst_body[:, :, g0:g1].copy_(o[:, :, :, :nb].permute(0, 3, 1, 4, 2, 5))
+        if n == lines:
+            out[:, body + g0:body + g1].unflatten(-1, (num_heads, d)).copy_(
+                o[:, :, :, lines - 1].permute(0, 1, 3, 2, 4))
 
 
 def _branch_attention_autograd(qkv: Sequence[torch.Tensor], size: int, num_heads: int,
@@ -110,21 +101,28 @@ def _branch_attention_autograd(qkv: Sequence[torch.Tensor], size: int, num_heads
     B, H, W, c = qkv[0].shape
     groups, lines = pale_groups(H, size)
     d = c // num_heads
-    pad = groups * lines - H
+    body = (lines - 1) * groups
+    outs = []
+    for g0, g1, n in _group_parts(H, size):
+        ng, nb = g1 - g0, min(n, lines - 1)
 
-    def group(t):
-        if pad:
-            t = F.pad(t, (0, 0, 0, 0, 0, pad), value=_PAD_VALUE)
-        return t.reshape(B, lines, groups, W, num_heads, d).permute(0, 2, 4, 1, 3, 5) \
-            .reshape(B * groups, num_heads, lines * W, d)
+        def group(t):  # -> (B*ng, heads, n*W, d)
+            pieces = [t[:, :body].unflatten(1, (lines - 1, groups))[:, :, g0:g1]] if nb else []
+            if n == lines:
+                pieces.append(t[:, body + g0:body + g1].unsqueeze(1))
+            x = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]
+            return x.unflatten(-1, (num_heads, d)).permute(0, 2, 4, 1, 3, 5) \
+                .reshape(B * ng, num_heads, n * W, d)
 
-    q, k, v = (group(t) for t in qkv)
-    mask = _key_mask(H, W, size, B, q.dtype, q.device)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn_drop,
-                                       scale=d ** -0.5)
-    o = o.view(B, groups, num_heads, lines, W, d).permute(0, 3, 1, 4, 2, 5) \
-        .reshape(B, lines * groups, W, c)
-    return o[:, :H] if pad else o
+        q, k, v = (group(t) for t in qkv)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop, scale=d ** -0.5)
+        outs.append(o.view(B, ng, num_heads, n, W, d).permute(0, 3, 1, 4, 2, 5)
+                    .reshape(B, n, ng, W, c))
+    if len(outs) == 1:  # every group has all its lines: H = lines * groups
+        return outs[0].reshape(B, H, W, c)
+    full, rest = outs  # (B, lines, full, W, c), (B, lines-1, groups-full, W, c)
+    rows = torch.cat([full[:, :lines - 1], rest], 2).reshape(B, body, W, c)
+    return torch.cat([rows, full[:, lines - 1]], 1)
 
 
 def _check_heads(channels: int, num_heads: int):
