@@ -5,11 +5,13 @@ so that a missing folder or a malformed annotation file fails with one clear lin
 """
 import importlib
 import json
+import os
 import os.path as osp
 from typing import Iterator, List, Optional, Tuple
 
 __all__ = ['DataCheckError', 'config_scope', 'register_scope', 'replace_data_root',
-           'sync_bn_to_bn', 'check_data', 'check_coco_json', 'prepare_config']
+           'sync_bn_to_bn', 'check_data', 'check_coco_json', 'prepare_config',
+           'init_cpu_process_group']
 
 SCOPES = ('mmdet', 'mmseg')
 
@@ -226,4 +228,30 @@ def prepare_config(cfg, launcher: str = 'none', cfg_options: Optional[dict] = No
             if dist_cfg.get('backend', 'nccl') == 'nccl':
                 dist_cfg['backend'] = 'gloo'
                 log('no CUDA device: distributed backend nccl -> gloo')
+        if not torch.cuda.is_available() and cfg.get('model_wrapper_cfg', None) is None:
+            # mmengine's default DDP wrapper passes device_ids=[LOCAL_RANK], which DDP
+            # rejects for a CPU module
+            cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None,
+                                         broadcast_buffers=False,
+                                         find_unused_parameters=cfg.get(
+                                             'find_unused_parameters', False))
+        if launcher == 'pytorch' and not torch.cuda.is_available() and \
+                'RANK' in os.environ and 'WORLD_SIZE' in os.environ:  # under torchrun
+            init_cpu_process_group(cfg.get('env_cfg', {}).get('dist_cfg', {}))
     return scope
+
+
+def init_cpu_process_group(dist_cfg: Optional[dict] = None):
+    """Join the torchrun process group with gloo on a machine without CUDA.
+
+    mmengine 0.10's ``init_dist('pytorch')`` calls ``torch.cuda.set_device``
+    unconditionally, which fails without a GPU; the Runner skips its own
+    initialisation when a process group already exists."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return
+    kwargs = {k: v for k, v in (dist_cfg or {}).items() if k != 'backend'}
+    if 'timeout' in kwargs and not hasattr(kwargs['timeout'], 'total_seconds'):
+        import datetime
+        kwargs['timeout'] = datetime.timedelta(seconds=kwargs['timeout'])
+    dist.init_process_group(backend='gloo', **kwargs)

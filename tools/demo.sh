@@ -5,4 +5,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash tools/setup_env.sh
-exec .venv/bin/python tools/forward_demo.py "$@"
+exec .venv/bin/python tools/run_demo.py "$@"

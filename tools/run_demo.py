@@ -31,7 +31,7 @@ def parse_args(argv=None):
                    help='logs, checkpoints and pictures (default: %(default)s)')
     p.add_argument('--task', nargs='+', choices=['det', 'seg'], default=['det', 'seg'])
     p.add_argument('--iters', type=int, default=None,
-                   help='training iterations (default: the config\'s, 200)')
+                   help='training iterations (default: the configs\', 200 for det, 600 for seg)')
     p.add_argument('--num-train', type=int, default=200)
     p.add_argument('--num-val', type=int, default=50)
     p.add_argument('--seed', type=int, default=0, help='dataset seed')

@@ -21,7 +21,7 @@ def parse_args(argv=None):
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument('--work-dir', help='the dir to save logs and metrics')
     parser.add_argument('--show-dir', help='save drawn predictions under this folder '
-                                           '(relative to the run\'s log folder)')
+                                           '(a relative path is taken inside the work dir)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override settings, key=value (data_root=PATH moves every '
                              'dataset and evaluator path)')
@@ -58,11 +58,12 @@ def build_runner(args):
             raise SystemExit('error: --show-dir needs default_hooks.visualization in the '
                              'config')
         hook.draw = True
+        show_dir = osp.join(cfg.work_dir, args.show_dir)  # unchanged when absolute
         if scope == 'mmdet':
-            hook.test_out_dir = args.show_dir
+            hook.test_out_dir = show_dir
         else:
             hook.interval = 1
-            cfg.visualizer.save_dir = args.show_dir
+            cfg.visualizer.save_dir = show_dir
     check_data(cfg, splits=('test', ))
 
     from mmengine.registry import RUNNERS

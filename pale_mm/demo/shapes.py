@@ -32,7 +32,7 @@ import numpy as np
 __all__ = ['DET_CLASSES', 'SEG_CLASSES', 'SEG_PALETTE', 'generate', 'ensure_dataset',
            'render_sample']
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DET_CLASSES = ('circle', 'square', 'triangle')
 SEG_CLASSES = ('background', ) + DET_CLASSES
 SEG_PALETTE = [[120, 120, 120], [220, 20, 60], [0, 128, 255], [255, 200, 0]]
@@ -70,7 +70,7 @@ def _polygon(rng: np.random.Generator, cls: str, cx: float, cy: float,
 
 
 def render_sample(rng: np.random.Generator, size: int = 128,
-                  max_objects: int = 3) -> Tuple[np.ndarray, np.ndarray, List[Dict]]:
+                  max_objects: int = 4) -> Tuple[np.ndarray, np.ndarray, List[Dict]]:
     """One image ``(size, size, 3) uint8 RGB``, its label map ``(size, size) uint8``
     and its instances ``[{'category_id', 'polygon', 'mask'}]``."""
     import cv2
@@ -78,12 +78,12 @@ def render_sample(rng: np.random.Generator, size: int = 128,
     label = np.ones((size, size), np.uint8)  # 1 = background
     band = np.zeros((size, size), bool)
     instances, boxes = [], []
-    n_obj = int(rng.integers(1, max_objects + 1))
+    n_obj = int(rng.integers(2, max_objects + 1))
     attempts = 0
-    while len(instances) < n_obj and attempts < 50:
+    while len(instances) < n_obj and attempts < 100:
         attempts += 1
         cls_idx = int(rng.integers(len(DET_CLASSES)))
-        r = rng.uniform(0.09, 0.22) * size
+        r = rng.uniform(0.12, 0.26) * size
         cx, cy = rng.uniform(r + 2, size - r - 2, 2)
         box = (cx - r - 3, cy - r - 3, cx + r + 3, cy + r + 3)
         if any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
