@@ -21,7 +21,6 @@ Two layouts, both with the official parameter names (official checkpoints load b
   extra slot for the classifier's class token), ``block{1-4}.{j}``; the classifier
   adds ``cls_token``, ``norm`` and ``head`` and classifies the class token.
 """
-import copy
 import math
 from typing import Iterator, List, Optional, Sequence
 
@@ -289,23 +288,11 @@ class LIT(PyramidBackbone):
     # ------------------------------------------------------------------ config
     @classmethod
     def _parse_arch(cls, arch) -> dict:
-        if isinstance(arch, str):
-            if arch not in cls.arch_zoo:
-                raise ValueError(f'unknown {cls.__name__} arch {arch!r}; valid archs are '
-                                 f'{sorted(cls.arch_zoo)} or a dict with keys embed_dims, '
-                                 f'depths and num_heads')
-            arch = cls.arch_zoo[arch]
-        if not isinstance(arch, dict):
-            raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
-        missing = {'embed_dims', 'depths', 'num_heads'} - set(arch)
-        if missing:
-            raise ValueError(f'custom arch dict is missing keys {sorted(missing)}; it needs '
-                             f'embed_dims, depths and num_heads')
+        arch = cls._lookup_arch(arch, ('embed_dims', 'depths', 'num_heads'))
         unknown = set(arch) - {'embed_dims', 'depths', 'num_heads', 'mlp_ratios', 'has_msa',
                                'pos_embed', 'norm_eps'}
         if unknown:
             raise ValueError(f'unknown arch keys {sorted(unknown)}')
-        arch = copy.deepcopy(dict(arch))
         depths = list(arch['depths'])
         n = len(depths)
 

@@ -10,7 +10,6 @@ Both share the modules and the parameter names of the body:
 - ``norm{i}``: per-stage output LayerNorm of the dense-prediction backbone.
 - ``norm``, ``head``: the classifier's final LayerNorm and Linear.
 """
-import copy
 from typing import Iterator, List, Sequence, Tuple
 
 import torch
@@ -114,19 +113,7 @@ class PaleTransformer(PyramidBackbone):
     # ------------------------------------------------------------------ config
     @classmethod
     def _parse_arch(cls, arch) -> dict:
-        if isinstance(arch, str):
-            if arch not in cls.arch_zoo:
-                raise ValueError(f'unknown {cls.__name__} arch {arch!r}; valid archs are '
-                                 f'{sorted(cls.arch_zoo)} or a dict with keys embed_dims, '
-                                 f'depths and num_heads')
-            arch = cls.arch_zoo[arch]
-        if not isinstance(arch, dict):
-            raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
-        missing = {'embed_dims', 'depths', 'num_heads'} - set(arch)
-        if missing:
-            raise ValueError(f'custom arch dict is missing keys {sorted(missing)}; it needs '
-                             f'embed_dims, depths and num_heads')
-        arch = copy.deepcopy(dict(arch))
+        arch = cls._lookup_arch(arch, ('embed_dims', 'depths', 'num_heads'))
         depths = list(arch['depths'])
         dims = arch['embed_dims']
         dims = [dims * 2 ** i for i in range(len(depths))] if isinstance(dims, int) \

@@ -18,7 +18,6 @@ Parameter names are the official ones (``patch_embeds.{k}.{proj,norm}``,
 ``init_cfg``. The classifier's head is the official MLP head
 ``Linear(C, 4096) -> LayerNorm -> GELU -> Linear(4096, classes)`` (``head.0/1/3``).
 """
-import copy
 import math
 from typing import Iterator, List, Sequence
 
@@ -222,23 +221,11 @@ class ScalableViT(PyramidBackbone):
 
     @classmethod
     def _parse_arch(cls, arch) -> dict:
-        if isinstance(arch, str):
-            if arch not in cls.arch_zoo:
-                raise ValueError(f'unknown {cls.__name__} arch {arch!r}; valid archs are '
-                                 f'{sorted(cls.arch_zoo)} or a dict with keys embed_dims, '
-                                 f'depths, num_heads and c_ratios')
-            arch = cls.arch_zoo[arch]
-        if not isinstance(arch, dict):
-            raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
-        missing = {'embed_dims', 'depths', 'num_heads', 'c_ratios'} - set(arch)
-        if missing:
-            raise ValueError(f'custom arch dict is missing keys {sorted(missing)}; it needs '
-                             f'embed_dims, depths, num_heads and c_ratios')
+        arch = cls._lookup_arch(arch, ('embed_dims', 'depths', 'num_heads', 'c_ratios'))
         unknown = set(arch) - {'embed_dims', 'depths', 'num_heads', 'c_ratios', 'sr_ratios',
                                'window_sizes', 'mlp_ratios'}
         if unknown:
             raise ValueError(f'unknown arch keys {sorted(unknown)}')
-        arch = copy.deepcopy(dict(arch))
         depths = list(arch['depths'])
         n = len(depths)
         if not n:
