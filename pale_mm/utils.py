@@ -255,3 +255,21 @@ def init_cpu_process_group(dist_cfg: Optional[dict] = None):
         import datetime
         kwargs['timeout'] = datetime.timedelta(seconds=kwargs['timeout'])
     dist.init_process_group(backend='gloo', **kwargs)
+
+
+def load_tool_config(config: str, launcher: str = 'none', cfg_options: Optional[dict] = None,
+                     work_dir: Optional[str] = None):
+    """The common start of ``tools/train.py`` and ``tools/test.py``: load ``config``,
+    :func:`prepare_config` it, register its library, and set ``work_dir`` (the given
+    one, the config's, or ``./work_dirs/<config name>``). Returns ``(cfg, scope)``."""
+    from mmengine.config import Config
+    from mmengine.logging import print_log
+    cfg = Config.fromfile(config)
+    scope = prepare_config(cfg, launcher, cfg_options,
+                           logger=lambda m: print_log(m, logger='current'))
+    register_scope(scope)
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(config))[0])
+    return cfg, scope

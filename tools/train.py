@@ -41,20 +41,9 @@ def parse_args(argv=None):
 
 
 def build_runner(args):
-    from mmengine.config import Config
-    from mmengine.logging import print_log
+    from pale_mm.utils import check_data, load_tool_config
 
-    from pale_mm.utils import check_data, prepare_config, register_scope
-
-    cfg = Config.fromfile(args.config)
-    scope = prepare_config(cfg, args.launcher, args.cfg_options,
-                           logger=lambda m: print_log(m, logger='current'))
-    register_scope(scope)
-
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg, _ = load_tool_config(args.config, args.launcher, args.cfg_options, args.work_dir)
 
     if args.amp:
         wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
