@@ -3,6 +3,7 @@ checkpoints that load again (resume), 2-process DDP on the CPU, and clear errors
 import json
 import os
 import os.path as osp
+import shutil
 import subprocess
 import sys
 
@@ -276,11 +277,21 @@ def test_ddp_two_processes_cpu_with_frozen_stages(shapes, tmp_path):
     work = str(tmp_path / 'ddp')
     env = _env()
     env.update(PYTHON=PY, PORT=str(29500 + os.getpid() % 1000), OMP_NUM_THREADS='1')
-    r = subprocess.run(
-        ['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), DET, '2', '--work-dir', work,
-         '--cfg-options', f'data_root={shapes}', 'model.backbone.frozen_stages=1',
-         'train_dataloader.batch_size=2'] + _short(3),
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    cmd = ['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), DET, '2', '--work-dir', work,
+           '--cfg-options', f'data_root={shapes}', 'model.backbone.frozen_stages=1',
+           'train_dataloader.batch_size=2'] + _short(3)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if r.returncode != 0 and 'SIGABRT' in r.stderr:
+        # Seen once on a loaded 2-core machine: a worker aborted inside the CPU/gloo
+        # stack, not in our code, and the rerun passed. Retry once, with a new port,
+        # and show the first failure's error lines if the retry fails too.
+        first = '\n'.join(line for line in r.stderr.splitlines()
+                          if any(w in line for w in ('Error', 'error', 'terminate', 'what()',
+                                                     'Abort', 'SIG')))[-4000:]
+        env['PORT'] = str(int(env['PORT']) + 7)
+        shutil.rmtree(work, ignore_errors=True)
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, (first, r.stdout[-3000:], r.stderr[-6000:])
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-6000:])
     assert osp.isfile(osp.join(work, 'iter_3.pth'))
     ckpt = torch.load(osp.join(work, 'iter_3.pth'), map_location='cpu')

@@ -1,12 +1,14 @@
 """Train and evaluate one demo config in this process (used by ``tools/run_demo.py``
 and the tests)."""
 import glob
+import itertools
 import os.path as osp
 import time
 from typing import Dict, Optional
 
 __all__ = ['DEMO_CONFIGS', 'build_demo_runner', 'train_and_evaluate', 'val_metrics']
 
+_RUNNER_IDS = itertools.count()
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DEMO_CONFIGS = {
     'det': osp.join(REPO, 'configs', 'demo', 'mask-rcnn_pale-t-demo_fpn_200i_shapes-128.py'),
@@ -28,6 +30,11 @@ def build_demo_runner(config: str, data_root: str, work_dir: str,
     options.update(cfg_options or {})
     register_scope(prepare_config(cfg, launcher, options))
     cfg.work_dir = work_dir
+    # mmengine keeps one Visualizer instance per name for the whole process: a second
+    # runner (another task, or the same task again) would get the first one, with
+    # its class and save directory. A unique name gives each runner its own.
+    if cfg.get('visualizer') is not None:
+        cfg.visualizer.name = f'pale_mm_demo_{osp.basename(config)}_{next(_RUNNER_IDS)}'
     check_data(cfg, splits=('train', 'val'))
     return Runner.from_cfg(cfg)
 
