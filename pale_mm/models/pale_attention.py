@@ -185,7 +185,7 @@ def pale_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f'have {N}')
     pale_size = check_pale_size(pale_size)
     _check_heads(C, num_heads)
-    q, k, v = (t.view(B, H, W, C) for t in (q, k, v))
+    q, k, v = (t.reshape(B, H, W, C) for t in (q, k, v))  # any strides accepted
     return pale_attention_nhwc(q, k, v, pale_size, num_heads).view(B, N, C)
 
 
