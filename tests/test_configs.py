@@ -14,7 +14,7 @@ from pale_mm.utils import config_scope, register_scope, sync_bn_to_bn  # noqa: E
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 PALE = sorted(glob.glob(osp.join(ROOT, 'configs', 'pale', '*.py')))
-DEMO = sorted(glob.glob(osp.join(ROOT, 'configs', 'demo', '*.py')))
+DEMO = sorted(glob.glob(osp.join(ROOT, 'configs', 'demo', '*pale*.py')))
 DIMS = {'tiny': [64, 128, 256, 512], 'small': [96, 192, 384, 768],
         'base': [128, 256, 512, 1024]}
 ARCH = {'t': 'tiny', 's': 'small', 'b': 'base'}

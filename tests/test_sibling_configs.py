@@ -74,3 +74,13 @@ def test_scalablevit_upernet_loss_forward():
     total.backward()
     grads = [p.grad for p in model.backbone.parameters() if p.grad is not None]
     assert grads and sum(g.abs().sum() for g in grads) > 0
+
+
+@pytest.mark.parametrize('name,backbone', [
+    ('mask-rcnn_lit-demo_fpn_200i_shapes-128.py', 'LIT'),
+    ('mask-rcnn_scalablevit-demo_fpn_200i_shapes-128.py', 'ScalableViT')])
+def test_family_demo_configs_build(name, backbone):
+    cfg, model = _build(osp.join(ROOT, 'configs', 'demo', name))
+    assert type(model.backbone).__name__ == backbone
+    assert list(model.neck.in_channels) == list(model.backbone.embed_dims)
+    assert cfg.train_cfg.max_iters == 200
