@@ -26,7 +26,8 @@ def test_fit_exponent():
 def test_benchmark_runs_and_writes_results(tmp_path):
     bench = _load()
     res = bench.main([
-        '--models', 'pale:tiny', 'scalablevit:s', '--res', '64', '--modes', 'infer', 'train', '--reps', '1',
+        '--models', 'pale:tiny', 'scalablevit:s', '--res', '64', '--modes', 'infer', 'train',
+        '--reps', '1',
         '--warmup', '1', '--sweep', '14', '21x28', '--sweep-dim', '32', '--sweep-heads', '2',
         '--sweep-reps', '1', '--cp-res', '64', '--mem-probe', '64', '96',
         '--out', str(tmp_path)])

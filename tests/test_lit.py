@@ -2,6 +2,7 @@
 bias, backbone interface (frozen_stages, norm_eval, with_cp), official key layouts."""
 import argparse
 import copy
+import os.path as osp
 
 import pytest
 import timm
@@ -17,6 +18,7 @@ from pale_mm.models.lit import DeformConv2dPack, LITAttention, relative_position
 TINY = dict(embed_dims=16, depths=[1, 2, 1, 1], num_heads=[1, 1, 2, 2])
 TINY_TI = dict(TINY, mlp_ratios=[8, 8, 4, 4], pos_embed=True, norm_eps=1e-6)
 LAYOUTS = {'swin': TINY, 'pvt': TINY_TI}
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 # Paper / official README (arXiv 2105.14217): params, multiply-adds at 224.
 PAPER = {'ti': (19e6, 3.6e9), 's': (27e6, 4.1e9), 'm': (48e6, 8.6e9), 'b': (86e6, 15.0e9)}
@@ -61,9 +63,19 @@ def test_arch_zoo_structure():
 
 @pytest.mark.parametrize('arch', ['ti', 's', 'm', 'b'])
 def test_params_and_flops_vs_paper(arch):
-    """FLOPs within 5% of the paper. Params: the official architecture (same keys and
-    shapes as the released checkpoints) has the head on top of the paper's count,
-    which is the body's: the body is within 3%, the whole classifier within 5%."""
+    """FLOPs within 5% of the paper. Params: the body (everything but the 1000-class
+    head) within 3% of the paper's table, the whole classifier within 5%.
+
+    Why two bounds: the official code (ziplab/LIT classification/code_for_lit_s_m_b/
+    models/lit.py, classification/code_for_lit_ti/lit.py) has the same parameter names
+    and shapes as this classifier (test_official_layout_matches_classifier_exactly), so
+    19.89M / 27.97M / 49.37M / 87.29M with the head is what the official DeiT-style
+    main.py logs as n_parameters. The README / paper values 19 / 27 / 48 / 86 are the
+    headless counts 19.37M / 27.20M / 48.60M / 86.27M rounded down, so LIT-Ti and LIT-S
+    with the head sit +4.7% / +3.6% above them. The 5% bound on the whole model is that
+    documented gap, not slack for a different architecture: the body bound is the tight
+    one, and test_mask_rcnn_params_vs_official_readme cross-checks the backbone through
+    the authors' own detection table."""
     model = LITClassifier(arch, num_classes=1000)
     p_ref, f_ref = PAPER[arch]
     flops = count_flops(model, (3, 224, 224))
@@ -72,6 +84,49 @@ def test_params_and_flops_vs_paper(arch):
     body = params - count_params(model.head)
     assert abs(body / p_ref - 1) < 0.03, body
     assert abs(params / p_ref - 1) < 0.05, params
+
+
+# Official README (ziplab/LIT README.md, detection/README.md): Mask R-CNN 1x whole-detector
+# params, given in whole millions.
+MASK_RCNN_README = {'ti': 40e6, 's': 48e6}
+
+
+@pytest.mark.parametrize('arch', ['ti', 's'])
+def test_mask_rcnn_params_vs_official_readme(arch):
+    """Independent cross-check of the backbone against the authors' own detection table:
+    the Mask R-CNN built from configs/lit/ (mmdet's Mask R-CNN heads have the same
+    parameters as the mmdet 2.x ones the authors used) must round to the README's whole
+    millions, i.e. be within 0.5M of it, with no extra slack.
+
+    LIT-Ti: the official detection backbone (detection/mmdet/models/backbones/lit_ti.py)
+    keeps the 224-px position embeddings, like this config: 39.54M -> 40M.
+    LIT-S: the official detection backbone (detection/mmdet/models/backbones/lit.py) sizes
+    each relative position bias table for an 800-px input (``input_resolution = 800 //
+    patch_size``) and resizes the 224-px tables of the ImageNet checkpoint into them; this
+    config keeps the 224-px tables and interpolates at run time (same function, 0.76M fewer
+    parameters). With ``pretrain_img_size=800`` the count is the official detector's:
+    48.24M -> 48M. The as-shipped config (47.48M) must differ from it by exactly the
+    table sizes, so both numbers are tied to the architecture.
+    (Only other difference: our per-output LayerNorms ``norm0..3``; the official Ti has
+    none, the official S lacks ``norm0``: 2,048 / 192 parameters, far below rounding.)"""
+    pytest.importorskip('mmdet')
+    from test_configs import _load, _registry
+
+    path = osp.join(ROOT, 'configs', 'lit', f'mask-rcnn_lit-{arch}_fpn_1x_coco.py')
+    cfg = _load(path)
+    assert cfg.model.backbone.get('init_cfg') is None  # nothing downloaded
+    models = _registry('mmdet')
+    shipped = count_params(models.build(cfg.model))
+    if arch == 'ti':
+        official = shipped
+    else:
+        cfg.model.backbone.pretrain_img_size = 800
+        official = count_params(models.build(cfg.model))
+        # stages 3-4 (6 + 2 blocks, 12 / 24 heads): tables (2*50-1)^2 and (2*25-1)^2 at
+        # 800 px against (2*14-1)^2 and (2*7-1)^2 at 224 px
+        tables = 6 * 12 * (99 ** 2 - 27 ** 2) + 2 * 24 * (49 ** 2 - 13 ** 2)
+        assert official - shipped == tables == 760320
+    assert abs(official - MASK_RCNN_README[arch]) < 0.5e6, official
 
 
 def test_deformable_merging_flops_counted():
@@ -320,16 +375,22 @@ def test_nan_input_does_not_crash_dcn():
         assert torch.isnan(dcn(x)).any()
 
 
-@pytest.mark.parametrize('arch', ['s', 'ti'])
+@pytest.mark.parametrize('arch', ['s', 'm', 'b', 'ti'])
 def test_official_layout_matches_classifier_exactly(arch):
-    if arch == 's':
-        shapes = official_lit_smb_shapes([96, 192, 384, 768], [2, 2, 6, 2], [3, 6, 12, 24])
+    """Same keys and shapes as the official classifiers for every size, hence the same
+    parameter count (the basis of the params notes in configs/lit/README.md)."""
+    smb = {'s': ([96, 192, 384, 768], [2, 2, 6, 2], [3, 6, 12, 24]),
+           'm': ([96, 192, 384, 768], [2, 2, 18, 2], [3, 6, 12, 24]),
+           'b': ([128, 256, 512, 1024], [2, 2, 18, 2], [4, 8, 16, 32])}
+    if arch in smb:
+        shapes = official_lit_smb_shapes(*smb[arch])
     else:
         shapes = official_lit_ti_shapes([64, 128, 320, 512], [3, 4, 6, 3], [8, 8, 4, 4])
     model = LITClassifier(arch)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert own == shapes
-    model.load_state_dict(_random_state(shapes), strict=True)
+    if arch in ('s', 'ti'):  # one strict load per layout is enough (M/B: same code path)
+        model.load_state_dict(_random_state(shapes), strict=True)
 
 
 @pytest.mark.parametrize('layout', ['swin', 'pvt'])

@@ -208,3 +208,16 @@ def test_psattention_matches_unfused_reference(qkv_bias):
         torch.testing.assert_close(attn.qkv_bn.running_var, var)
         assert attn.qkv_bn.num_batches_tracked.item() == int(training)
         assert torch.equal(attn.qkv_bn.running_mean, before) != training
+
+    # training-mode gradients: BN folded into the projection with the batch
+    # statistics (and their fast two-pass backward) against plain F.batch_norm
+    attn.train()
+    xg = x.clone().requires_grad_()
+    params = [xg] + list(attn.parameters())
+    g = torch.randn(2, H * W, C, dtype=torch.float64)
+    got = torch.autograd.grad(attn(xg, (H, W)), params, g)
+    x_saved, x = x, xg
+    want = torch.autograd.grad(reference(True, mean.clone(), var.clone()), params, g)
+    x = x_saved
+    for a, b, n in zip(got, want, ['x'] + [n for n, _ in attn.named_parameters()]):
+        torch.testing.assert_close(a, b, msg=n)

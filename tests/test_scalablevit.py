@@ -3,6 +3,7 @@ against a dense reference, SSA, backbone interface, official checkpoint layout w
 ``{'model': ..., 'args': Namespace}`` wrapper under ``weights_only`` loading."""
 import argparse
 import copy
+import os.path as osp
 
 import pytest
 import timm
@@ -16,6 +17,8 @@ from pale_mm.models.scalablevit import IWSA, SSA
 
 TINY = dict(embed_dims=16, depths=[2, 2, 2, 1], num_heads=[1, 2, 2, 4],
             c_ratios=[1.25, 1.25, 1.25, 1], window_sizes=3)
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 # arXiv 2203.10790 / official README: params, multiply-adds at 224.
 PAPER = {'s': (32.4e6, 4.2e9), 'b': (81.9e6, 8.6e9), 'l': (104.9e6, 14.7e9)}
@@ -54,13 +57,55 @@ def test_arch_zoo_structure():
 
 @pytest.mark.parametrize('arch', ['s', 'b', 'l'])
 def test_params_and_flops_vs_paper(arch):
-    """Params within 3% (L: 5%, see the report: the released configuration of L gives
-    more parameters than the paper's table) and FLOPs within 5% of the paper."""
+    """FLOPs within 5% of the paper; whole classifier (official 4096-wide MLP head,
+    1000 classes) params within 3% of the paper for S and B, 5% for L.
+
+    Why 5% for L: the classifier has the keys and shapes of the official
+    ``scalable_vit_large`` (test_official_layout_matches_classifier_exactly), which gives
+    109.29M, +4.2% above the 104.9M of the paper's / README's classification table. The
+    authors' own downstream tables contradict that 104.9M: the Mask R-CNN and UperNet
+    models built on this backbone match the README's 121.4M and 135.5M to 0.02%
+    (test_downstream_params_vs_official_readme), whereas a backbone 4.4M smaller would
+    miss them by over 3%. The allowance is that documented table inconsistency; the
+    downstream test is the tight check on L."""
     model = ScalableViTClassifier(arch, num_classes=1000)
     p_ref, f_ref = PAPER[arch]
     params, flops = count_params(model), count_flops(model, (3, 224, 224))
     assert abs(params / p_ref - 1) < (0.05 if arch == 'l' else 0.03), params
     assert abs(flops / f_ref - 1) < 0.05, flops
+
+
+# Official README (Yangr116/ScalableViT README.md): whole-model params of Mask R-CNN 1x
+# (COCO, 80 classes) and UperNet 160k (ADE20K, 150 classes, with the FCN auxiliary head,
+# as mmseg counts it).
+DOWNSTREAM_README = {
+    ('mask-rcnn', 's'): 46.3e6, ('mask-rcnn', 'b'): 94.9e6, ('mask-rcnn', 'l'): 121.4e6,
+    ('upernet', 's'): 56.5e6, ('upernet', 'b'): 107.0e6, ('upernet', 'l'): 135.5e6,
+}
+
+
+@pytest.mark.parametrize('arch', ['s', 'b', 'l'])
+@pytest.mark.parametrize('kind', ['mask-rcnn', 'upernet'])
+def test_downstream_params_vs_official_readme(kind, arch):
+    """Independent cross-check of the backbone against the authors' downstream tables:
+    the detector / segmentor built from configs/scalablevit/ within 1% of the README.
+    Measured: Mask R-CNN 45.95M / 94.90M / 121.38M, UperNet 56.10M / 107.05M / 135.52M
+    (S is -0.7%, the same ~0.4M the classifier is below the paper's 32.4M; B and L match
+    to 0.05%). Parameter counting only, no forward."""
+    pytest.importorskip('mmdet')
+    pytest.importorskip('mmseg')
+    from test_configs import _build
+
+    name = (f'mask-rcnn_scalablevit-{arch}_fpn_1x_coco.py' if kind == 'mask-rcnn' else
+            f'upernet_scalablevit-{arch}_8xb2-160k_ade20k-512x512.py')
+    cfg, model = _build(osp.join(ROOT, 'configs', 'scalablevit', name))
+    assert cfg.model.backbone.get('init_cfg') is None  # nothing downloaded
+    assert model.backbone.depths == ScalableViT.arch_zoo[arch]['depths']
+    if kind == 'upernet':
+        assert model.auxiliary_head is not None
+    ref = DOWNSTREAM_README[(kind, arch)]
+    params = count_params(model)
+    assert abs(params / ref - 1) < 0.01, params
 
 
 def _dense_iwsa_reference(attn: IWSA, x: torch.Tensor) -> torch.Tensor:
@@ -225,10 +270,17 @@ def official_shapes(dims, depths, heads, c_ratios, sr=(8, 4, 2, 1), classes=1000
     return s
 
 
-def test_official_layout_matches_classifier_exactly():
-    shapes = official_shapes([64, 128, 256, 512], [2, 2, 20, 2], [2, 4, 8, 16],
-                             [1.25, 1.25, 1.25, 1])
-    model = ScalableViTClassifier('s')
+@pytest.mark.parametrize('arch', ['s', 'b', 'l'])
+def test_official_layout_matches_classifier_exactly(arch):
+    """Same keys and shapes as the official ``scalable_vit_small/base/large`` (Yangr116/
+    ScalableViT image_classification/models/scalablevit.py), hence the same parameter
+    count (the basis of the params notes in configs/scalablevit/README.md)."""
+    shapes = official_shapes(*{
+        's': ([64, 128, 256, 512], [2, 2, 20, 2], [2, 4, 8, 16], [1.25, 1.25, 1.25, 1]),
+        'b': ([96, 192, 384, 768], [2, 2, 14, 6], [3, 6, 12, 24], [2, 1.25, 1.25, 1]),
+        'l': ([128, 256, 512, 1024], [2, 6, 12, 4], [4, 8, 16, 32], [0.25, 0.5, 1, 1]),
+    }[arch])
+    model = ScalableViTClassifier(arch)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes
 
 

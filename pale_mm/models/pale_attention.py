@@ -17,6 +17,7 @@ from typing import List, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .layers import check_pale_size
 
@@ -123,6 +124,36 @@ def _branch_attention_autograd(qkv: Sequence[torch.Tensor], size: int, num_heads
     full, rest = outs  # (B, lines, full, W, c), (B, lines-1, groups-full, W, c)
     rows = torch.cat([full[:, :lines - 1], rest], 2).reshape(B, body, W, c)
     return torch.cat([rows, full[:, lines - 1]], 1)
+
+
+class _BatchStats(torch.autograd.Function):
+    """Per-channel ``(var, mean)`` (biased) of an ``(n, C)`` matrix, at least in float32.
+
+    Two passes (the mean, then the centred sum of squares), so it is as accurate
+    as ``torch.var_mean`` but an order of magnitude faster on CPU for these
+    column reductions. The backward, ``dy = (2 gv (y - mean) + gm) / n``, needs only
+    ``y`` (which the following projection keeps anyway) and the mean, where
+    autograd through the two passes would keep the centred copy as well."""
+
+    @staticmethod
+    def forward(ctx, y):
+        yf = y.to(torch.promote_types(y.dtype, torch.float32))
+        n = yf.shape[0]
+        mean = yf.sum(0).div_(n)
+        var = (yf - mean).square_().sum(0).div_(n)
+        ctx.save_for_backward(y, mean)
+        return var, mean
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_var, grad_mean):
+        y, mean = ctx.saved_tensors
+        n = y.shape[0]
+        g = torch.zeros_like(y, dtype=mean.dtype) if grad_var is None \
+            else (y.to(mean.dtype) - mean).mul_(grad_var * (2. / n))
+        if grad_mean is not None:
+            g.add_(grad_mean / n)
+        return g.to(y.dtype)
 
 
 def _check_heads(channels: int, num_heads: int):
@@ -282,7 +313,7 @@ class PSAttention(nn.Module):
             raise ValueError(f'PSAttention: BatchNorm in training needs more than one value '
                              f'per channel, got a map of shape {tuple(y.shape)} (B, H, W, C); '
                              f'use a larger input or batch, or norm_eval=True')
-        var, mean = torch.var_mean(y, dim=(0, 1, 2), unbiased=False)
+        var, mean = _BatchStats.apply(y.reshape(n, y.shape[-1]))
         if momentum:
             with torch.no_grad():
                 bn.running_mean[sl].lerp_(mean, momentum)
