@@ -55,75 +55,115 @@ def _group_parts(H: int, size: int) -> List[Tuple[int, int, int]]:
     return parts
 
 
-def _branch_attention(qkv: Sequence[torch.Tensor], out: torch.Tensor, size: int,
-                      num_heads: int, attn_drop: float):
-    """Attention inside interlaced row groups, written into ``out`` (inference).
+def _branch_views(x: torch.Tensor, sizes: Tuple[int, int]):
+    """The row and column branches of a ``(B, H, W, C)`` map as ``(view, size)``:
+    channels ``[:C/2]`` as ``(B, H, W, c)`` grouped along H, channels ``[C/2:]``
+    transposed to ``(B, W, H, c)`` grouped along W."""
+    c = x.shape[-1] // 2
+    return ((x[..., :c], sizes[0]), (x[..., c:].transpose(1, 2), sizes[1]))
 
-    Args:
-        qkv: q, k and v, each ``(B, H, W, c)`` (any strides, e.g. a channel
-            slice or a transposed view). The groups run along H.
-        out: ``(B, H, W, c)`` view that receives the result.
-        size: lines per group (``sr``).
 
-    Each element is copied once into the grouped layout ``(3, B, groups, heads,
-    lines, W, d)`` of its part (see :func:`_group_parts`) and once back.
-    """
-    B, H, W, c = qkv[0].shape
+def _copy_groups(t: torch.Tensor, parts: Sequence[torch.Tensor], size: int, heads: int,
+                 to_groups: bool):
+    """Copy between a ``(B, H, W, c)`` branch view ``t`` (any strides; groups along
+    H) and its grouped layout: one ``(B*ng, heads, n*W, d)`` tensor per part of
+    :func:`_group_parts`. ``to_groups`` copies ``t`` into ``parts``, otherwise
+    ``parts`` into ``t``. Each element is copied exactly once."""
+    B, H, W, c = t.shape
     groups, lines = pale_groups(H, size)
-    d = c // num_heads
+    d = c // heads
     body = (lines - 1) * groups
-    src_body = [t[:, :body].unflatten(1, (lines - 1, groups)).unflatten(-1, (num_heads, d))
-                for t in qkv]
-    dst_body = out[:, :body].unflatten(1, (lines - 1, groups)).unflatten(-1, (num_heads, d))
-    for g0, g1, n in _group_parts(H, size):
+    t_body = t[:, :body].unflatten(1, (lines - 1, groups)).unflatten(-1, (heads, d))
+    for (g0, g1, n), part in zip(_group_parts(H, size), parts):
         ng, nb = g1 - g0, min(n, lines - 1)
-        buf = qkv[0].new_empty(3, B, ng, num_heads, n, W, d)
-        for t, src in enumerate(qkv):
-            if nb:
-                buf[t, :, :, :, :nb] = src_body[t][:, :, g0:g1].permute(0, 2, 4, 1, 3, 5)
-            if n == lines:
-                buf[t, :, :, :, lines - 1] = src[:, body + g0:body + g1] \
-                    .unflatten(-1, (num_heads, d)).permute(0, 1, 3, 2, 4)
-        q, k, v = buf.view(3, B * ng, num_heads, n * W, d).unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop, scale=d ** -0.5)
-        o = o.view(B, ng, num_heads, n, W, d)
-        if nb:
-            dst_body[:, :, g0:g1].copy_(o[:, :, :, :nb].permute(0, 3, 1, 4, 2, 5))
-        if n == lines:
-            out[:, body + g0:body + g1].unflatten(-1, (num_heads, d)).copy_(
-                o[:, :, :, lines - 1].permute(0, 1, 3, 2, 4))
+        grouped = part.view(B, ng, heads, n, W, d)
+        pairs = []
+        if nb:  # lines 0..nb-1 of these groups come from the body rows
+            pairs.append((grouped[:, :, :, :nb], t_body[:, :, g0:g1].permute(0, 2, 4, 1, 3, 5)))
+        if n == lines:  # the last line of groups g0..g1-1
+            pairs.append((grouped[:, :, :, lines - 1], t[:, body + g0:body + g1]
+                          .unflatten(-1, (heads, d)).permute(0, 1, 3, 2, 4)))
+        for dst, src in pairs:
+            dst.copy_(src) if to_groups else src.copy_(dst)
 
 
-def _branch_attention_autograd(qkv: Sequence[torch.Tensor], size: int, num_heads: int,
-                               attn_drop: float) -> torch.Tensor:
-    """Same as :func:`_branch_attention`, built from out-of-place ops for training:
-    slice assignments into a shared buffer would make autograd clone the whole
-    buffer's gradient once per assignment. Returns ``(B, H, W, c)``."""
-    B, H, W, c = qkv[0].shape
-    groups, lines = pale_groups(H, size)
-    d = c // num_heads
-    body = (lines - 1) * groups
-    outs = []
-    for g0, g1, n in _group_parts(H, size):
-        ng, nb = g1 - g0, min(n, lines - 1)
+def _part_shapes(shape, sizes: Tuple[int, int], heads: int):
+    """Shapes of the grouped tensors of both branches of a ``(B, H, W, C)`` map."""
+    B, H, W, C = shape
+    d = C // 2 // heads
+    return [(B * (g1 - g0), heads, n * other, d)
+            for length, other, size in ((H, W, sizes[0]), (W, H, sizes[1]))
+            for g0, g1, n in _group_parts(length, size)]
 
-        def group(t):  # -> (B*ng, heads, n*W, d)
-            pieces = [t[:, :body].unflatten(1, (lines - 1, groups))[:, :, g0:g1]] if nb else []
-            if n == lines:
-                pieces.append(t[:, body + g0:body + g1].unsqueeze(1))
-            x = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]
-            return x.unflatten(-1, (num_heads, d)).permute(0, 2, 4, 1, 3, 5) \
-                .reshape(B * ng, num_heads, n * W, d)
 
-        q, k, v = (group(t) for t in qkv)
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop, scale=d ** -0.5)
-        outs.append(o.view(B, ng, num_heads, n, W, d).permute(0, 3, 1, 4, 2, 5)
-                    .reshape(B, n, ng, W, c))
-    if len(outs) == 1:  # every group has all its lines: H = lines * groups
-        return outs[0].reshape(B, H, W, c)
-    full, rest = outs  # (B, lines, full, W, c), (B, lines-1, groups-full, W, c)
-    rows = torch.cat([full[:, :lines - 1], rest], 2).reshape(B, body, W, c)
-    return torch.cat([rows, full[:, lines - 1]], 1)
+def _split_parts(parts: Sequence[torch.Tensor], shape, sizes):
+    """Split a flat list of grouped tensors between the row and the column branch."""
+    n_row = len(_group_parts(shape[1], sizes[0]))
+    return parts[:n_row], parts[n_row:]
+
+
+class _PaleGroup(torch.autograd.Function):
+    """``q, k, v`` ``(B, H, W, C)`` -> their grouped layouts, flat as ``[q, k, v]``
+    per part, row-branch parts first. Forward and backward each copy every element
+    once (autograd over slices and ``cat`` would copy several times and, for slice
+    assignment, clone whole gradient buffers)."""
+
+    @staticmethod
+    def forward(ctx, sizes, heads, q, k, v):
+        shape = tuple(int(s) for s in q.shape)
+        ctx.meta = (shape, sizes, heads)
+        shapes = _part_shapes(shape, sizes, heads)
+        out = [[t.new_empty(s) for t in (q, k, v)] for s in shapes]
+        for i, t in enumerate((q, k, v)):
+            parts = [p[i] for p in out]
+            for (view, size), branch in zip(_branch_views(t, sizes),
+                                            _split_parts(parts, shape, sizes)):
+                _copy_groups(view, branch, size, heads, True)
+        return tuple(x for p in out for x in p)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        shape, sizes, heads = ctx.meta
+        result = []
+        for i in range(3):
+            if not ctx.needs_input_grad[2 + i]:
+                result.append(None)
+                continue
+            parts = grads[i::3]
+            ref = next(g for g in parts if g is not None)
+            grad = ref.new_empty(shape)
+            parts = [ref.new_zeros(s) if g is None else g.contiguous()
+                     for g, s in zip(parts, _part_shapes(shape, sizes, heads))]
+            for (view, size), branch in zip(_branch_views(grad, sizes),
+                                            _split_parts(parts, shape, sizes)):
+                _copy_groups(view, branch, size, heads, False)
+            result.append(grad)
+        return (None, None, *result)
+
+
+class _PaleUngroup(torch.autograd.Function):
+    """Grouped attention outputs (one per part, as :class:`_PaleGroup` orders them)
+    -> the ``(B, H, W, C)`` map, each element copied once either way."""
+
+    @staticmethod
+    def forward(ctx, shape, sizes, heads, *parts):
+        ctx.meta = (shape, sizes, heads)
+        out = parts[0].new_empty(shape)
+        for (view, size), branch in zip(_branch_views(out, sizes),
+                                        _split_parts(parts, shape, sizes)):
+            _copy_groups(view, branch, size, heads, False)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        shape, sizes, heads = ctx.meta
+        parts = [grad.new_empty(s) for s in _part_shapes(shape, sizes, heads)]
+        for (view, size), branch in zip(_branch_views(grad, sizes),
+                                        _split_parts(parts, shape, sizes)):
+            _copy_groups(view, branch, size, heads, True)
+        return (None, None, None, *parts)
 
 
 class _BatchStats(torch.autograd.Function):
@@ -171,21 +211,19 @@ def pale_attention_nhwc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         attn_drop: float = 0.) -> torch.Tensor:
     """PS-Attention on ``(B, H, W, C)`` maps (any strides); returns a new
     ``(B, H, W, C)`` tensor. The first ``C/2`` channels form the row branch, the
-    rest the column branch, each with ``num_heads // 2`` heads. No validation."""
-    B, H, W, C = q.shape
-    c = C // 2
-    sr, sc = pale_size
+    rest the column branch, each with ``num_heads // 2`` heads. No validation.
+
+    Every element of q, k and v is copied once into the grouped layout of its part
+    (:func:`_group_parts`), each part is one SDPA call, and each output element is
+    copied once back; the backward mirrors this."""
     heads = num_heads // 2
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        row = _branch_attention_autograd([t[..., :c] for t in (q, k, v)], sr, heads, attn_drop)
-        col = _branch_attention_autograd([t[..., c:].transpose(1, 2) for t in (q, k, v)], sc,
-                                         heads, attn_drop)
-        return torch.cat([row, col.transpose(1, 2)], -1)
-    out = q.new_empty(B, H, W, C)
-    _branch_attention([t[..., :c] for t in (q, k, v)], out[..., :c], sr, heads, attn_drop)
-    _branch_attention([t[..., c:].transpose(1, 2) for t in (q, k, v)],
-                      out[..., c:].transpose(1, 2), sc, heads, attn_drop)
-    return out
+    sizes = tuple(pale_size)
+    shape = tuple(int(s) for s in q.shape)  # plain ints, also under jit tracing
+    grouped = _PaleGroup.apply(sizes, heads, q, k, v)
+    scale = (shape[-1] // num_heads) ** -0.5
+    outs = [F.scaled_dot_product_attention(*grouped[i:i + 3], dropout_p=attn_drop, scale=scale)
+            for i in range(0, len(grouped), 3)]
+    return _PaleUngroup.apply(shape, sizes, heads, *outs)
 
 
 def pale_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
