@@ -41,6 +41,8 @@ def test_benchmark_runs_and_writes_results(tmp_path):
             assert 0 < row[k]['gemm_fraction'] < 5
         assert row['ratio_ours_over_swin'] == pytest.approx(
             row['swin']['median_s'] / row['ours']['median_s'])
+        # inference rows also time our model with the oneDNN linear turned off
+        assert ('ratio_plain_linear_over_swin' in row) == (row['mode'] == 'infer')
     assert set(data['attention']['exponent']) == {'pale', 'window', 'global'}
     assert data['memory']['max_square']['pale']['max_side'] > 0
     assert res['gemm_gflops'] > 0

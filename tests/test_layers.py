@@ -1,10 +1,12 @@
-"""Shared layers: the memory-saving MLP gives autograd's exact results."""
+"""Shared layers: the memory-saving MLP gives autograd's exact results; the oneDNN
+inference linear matches F.linear and is used only where it may be."""
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from pale_mm.models import layers
 from pale_mm.models.layers import Mlp
 
 
@@ -61,3 +63,79 @@ def test_mlp_does_not_keep_the_activation():
     m_drop = copy.deepcopy(m)
     m_drop.drop.p = 0.1
     assert _saved_numel(lambda: m_drop(x)) > plain
+
+
+# ------------------------------------------------------------------ oneDNN inference linear
+onednn = pytest.mark.skipif(
+    layers._ONEDNN_LINEAR is None or not torch.backends.mkldnn.is_available(),
+    reason='this torch build has no mkldnn::_linear_pointwise')
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    calls = []
+    real = layers._ONEDNN_LINEAR
+
+    def counting(*args):
+        calls.append(args[3])
+        return real(*args)
+    monkeypatch.setattr(layers, '_ONEDNN_LINEAR', counting)
+    return calls
+
+
+@onednn
+@pytest.mark.parametrize('gelu', [False, True])
+def test_linear_fast_path_matches_f_linear(onednn_calls, gelu):
+    x = torch.randn(2, 9, 11, 48)
+    w, b = torch.randn(80, 48), torch.randn(80)
+    want = F.linear(x, w, b)
+    want = F.gelu(want) if gelu else want
+    got = layers.linear(x, w, b, gelu=gelu)
+    assert onednn_calls == ['gelu' if gelu else 'none']
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # strided input (a channel slice) and no bias
+    xs = torch.randn(2, 9, 11, 96)[..., ::2]
+    torch.testing.assert_close(layers.linear(xs, w), F.linear(xs, w), rtol=1e-5, atol=1e-5)
+
+
+@onednn
+def test_linear_fast_path_only_for_fp32_cpu_inference(onednn_calls):
+    w = torch.randn(8, 4, requires_grad=True)
+    x = torch.randn(3, 4)
+    layers.linear(x, w).sum().backward()                     # autograd: F.linear
+    assert w.grad is not None
+    with torch.no_grad():
+        layers.linear(x.double(), w.double())                # float64
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert layers.linear(x, w).dtype == torch.bfloat16  # autocast keeps its rules
+        wd = w.detach()
+        torch.jit.trace(lambda t: layers.linear(t, wd), (x,), check_trace=False)  # FLOP counter
+        previous = layers.set_fast_cpu_linear(False)
+        try:
+            torch.testing.assert_close(layers.linear(x, w), F.linear(x, w), rtol=0, atol=0)
+        finally:
+            layers.set_fast_cpu_linear(previous)
+    assert onednn_calls == []
+    with torch.no_grad():
+        layers.linear(x, w)
+    assert onednn_calls == ['none']
+
+
+@onednn
+def test_backbone_inference_same_with_and_without_fast_linear(onednn_calls):
+    from pale_mm.models import PaleTransformer
+    torch.manual_seed(0)
+    model = PaleTransformer(dict(embed_dims=32, depths=[1, 1, 1, 1], num_heads=[2, 2, 2, 2]),
+                            pale_size=3).eval()
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        fast = model(x)
+        assert onednn_calls  # qkv, proj and both MLP layers
+        previous = layers.set_fast_cpu_linear(False)
+        try:
+            plain = model(x)
+        finally:
+            layers.set_fast_cpu_linear(previous)
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

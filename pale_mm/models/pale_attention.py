@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .layers import check_pale_size
+from .layers import check_pale_size, linear
 
 __all__ = ['pale_attention', 'PSAttention', 'pale_groups']
 
@@ -335,7 +335,7 @@ class PSAttention(nn.Module):
             else:
                 y = F.conv2d(xc, dw[sl], None, 1, 1, 1, C).permute(0, 2, 3, 1)
                 w, b = self._fold_batch_norm(y, sl, momentum, w, b)
-            out.append(F.linear(y, w, b))
+            out.append(linear(y, w, b))
         return out
 
     def _fold_batch_norm(self, y: torch.Tensor, sl: slice, momentum: float, weight, bias):
@@ -374,4 +374,4 @@ class PSAttention(nn.Module):
         q, k, v = self._qkv(x.reshape(B, H, W, C))
         out = pale_attention_nhwc(q, k, v, self.pale_size, self.num_heads,
                                   self.attn_drop_rate if self.training else 0.)
-        return self.proj_drop(self.proj(out.view(B, N, C)))
+        return self.proj_drop(linear(out.view(B, N, C), self.proj.weight, self.proj.bias))

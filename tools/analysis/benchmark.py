@@ -10,7 +10,9 @@ the Swin of matching size run interleaved in the same process, after warm-up, an
 the median time is reported with images/s, the ours/Swin throughput ratio, peak
 memory (CPU: RSS above the pre-step level, sampled every ms; CUDA: max
 allocated), multiply-adds (``pale_mm.flops``, attention included) and the achieved
-GFLOP/s as a fraction of this machine's fp32 GEMM rate, measured at the start. An
+GFLOP/s as a fraction of this machine's fp32 GEMM rate, measured at the start. On
+the CPU, inference rows also time our model with its oneDNN linear turned off
+(``F.linear``, as Swin uses), interleaved with the others, to show what it adds. An
 attention-level sweep times PS-Attention, Swin window attention and global
 attention at equal width over growing token grids and fits time ~ tokens^p.
 Memory at scale: peak training memory of Pale-T and Swin-T with and without
@@ -214,6 +216,9 @@ def bench_backbones(args, device, gemm, bar):
                 m.to(device)
             for mode in args.modes:
                 steps = {k: make_step(m, x, mode, args.amp) for k, m in models.items()}
+                if mode == 'infer' and device.type == 'cpu' and not args.amp:
+                    # the same model with the oneDNN inference linear off (F.linear)
+                    steps['ours_plain_linear'] = _plain_linear(steps['ours'])
                 mem = {k: measure_peak(n, (h, w), mode, device, args.amp, batch=args.batch)
                        for k, n in (('ours', spec), ('swin', 'swin:' + SWIN_PEER[spec]))}
                 for step in steps.values():  # warm-up
@@ -226,13 +231,16 @@ def bench_backbones(args, device, gemm, bar):
                 med = {k: statistics.median(v) for k, v in times.items()}
                 row = dict(model=spec, arch=spec.split(':')[1], swin=SWIN_PEER[spec],
                            res=f'{h}x{w}', mode=mode, batch=args.batch)
-                for k in steps:
+                for k in ('ours', 'swin'):
                     factor = 3 if mode == 'train' else 1  # backward ~ 2x forward
                     row[k] = dict(
                         median_s=med[k], times_s=times[k], img_per_s=args.batch / med[k],
                         peak_mem_mb=mem[k] / 2 ** 20, gmadds=madds[k] / 1e9,
                         gemm_fraction=2 * madds[k] * factor / med[k] / gemm)
                 row['ratio_ours_over_swin'] = med['swin'] / med['ours']
+                if 'ours_plain_linear' in med:
+                    row['ratio_plain_linear_over_swin'] = med['swin'] / med['ours_plain_linear']
+                    row['ours_plain_linear_median_s'] = med['ours_plain_linear']
                 rows.append(row)
                 bar.update(1)
                 bar.write(fmt_row(row))
@@ -241,12 +249,27 @@ def bench_backbones(args, device, gemm, bar):
     return rows
 
 
+def _plain_linear(step):
+    from pale_mm.models.layers import set_fast_cpu_linear
+
+    def run():
+        previous = set_fast_cpu_linear(False)
+        try:
+            step()
+        finally:
+            set_fast_cpu_linear(previous)
+    return run
+
+
 def fmt_row(r):
     p, s = r['ours'], r['swin']
+    plain = r.get('ratio_plain_linear_over_swin')
+    plain = f' ({plain:.2f}x with F.linear)' if plain else ''
     return (f"{r['model']:>13} {r['res']:>9} {r['mode']:>5} | ours {p['img_per_s']:7.2f} img/s "
             f"{p['peak_mem_mb']:7.0f} MB {p['gmadds']:6.1f} GMACs {100 * p['gemm_fraction']:4.0f}% "
             f"| Swin {s['img_per_s']:7.2f} img/s {s['peak_mem_mb']:7.0f} MB {s['gmadds']:6.1f} "
-            f"GMACs {100 * s['gemm_fraction']:4.0f}% | ours/Swin {r['ratio_ours_over_swin']:.2f}x")
+            f"GMACs {100 * s['gemm_fraction']:4.0f}% | ours/Swin {r['ratio_ours_over_swin']:.2f}x"
+            f"{plain}")
 
 
 class _GlobalAttention(torch.nn.Module):
