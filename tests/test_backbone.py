@@ -54,30 +54,6 @@ def test_train_returns_self_and_eval_chains():
     assert model.eval() is model
 
 
-def test_frozen_stages():
-    model = _small(frozen_stages=2)
-    frozen = ['patch_embeds.0', 'patch_embeds.1', 'stages.0', 'stages.1', 'norm0', 'norm1']
-    for name, p in model.named_parameters():
-        is_frozen = any(name.startswith(f + '.') for f in frozen)
-        assert p.requires_grad == (not is_frozen), name
-    model.train()
-    for name, m in model.named_modules():
-        if any(name == f or name.startswith(f + '.') for f in frozen):
-            assert not m.training, name
-    assert model.stages[2].training and model.norm2.training
-    # frozen parts really stay fixed through an optimizer step
-    before = copy.deepcopy(model.state_dict())
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    sum(o.sum() for o in model(torch.randn(2, 3, 64, 64))).backward()
-    opt.step()
-    after = model.state_dict()
-    for k in before:
-        same = torch.equal(before[k], after[k])
-        if any(k.startswith(f + '.') for f in frozen):
-            assert same, k  # includes BN running stats of frozen stages
-    assert not torch.equal(before['stages.2.0.mlp.fc1.weight'], after['stages.2.0.mlp.fc1.weight'])
-
-
 def test_frozen_stem_only():
     model = _small(frozen_stages=0)
     assert not any(p.requires_grad for p in model.patch_embeds[0].parameters())
@@ -97,34 +73,6 @@ def test_norm_eval():
     stats = copy.deepcopy(bn.running_mean)
     model(torch.randn(2, 3, 32, 32))
     assert not torch.equal(stats, bn.running_mean)
-
-
-def test_with_cp_same_outputs_grads_and_bn_stats():
-    torch.manual_seed(0)
-    ref = _small(drop_path_rate=0.3, drop_rate=0.1, attn_drop_rate=0.1).train()
-    cp = copy.deepcopy(ref)
-    cp.with_cp = True
-    x = torch.randn(2, 3, 45, 38)
-    outs = []
-    for m in (ref, cp):
-        torch.manual_seed(42)
-        o = m(x)
-        sum((oi * torch.arange(oi.numel()).view_as(oi).sin()).sum() for oi in o).backward()
-        outs.append(o)
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for (n, p), (_, q) in zip(ref.named_parameters(), cp.named_parameters()):
-        assert p.grad is not None, n
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
-    for (n, b1), (_, b2) in zip(ref.named_buffers(), cp.named_buffers()):
-        assert torch.equal(b1, b2), n  # BN running stats updated once, not twice
-
-
-def test_with_cp_and_frozen_stages_keep_gradients():
-    model = _small(with_cp=True, frozen_stages=1).train()
-    sum(o.sum() for o in model(torch.randn(1, 3, 64, 64))).backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert grads and all(g is not None for g in grads.values())
 
 
 def test_padding_invariance_end_to_end():

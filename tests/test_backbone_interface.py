@@ -1,0 +1,86 @@
+"""The backbone interface every family shares (PaleTransformer, LIT in both layouts,
+ScalableViT): frozen_stages freezes exactly the named parts and keeps them fixed
+through an optimizer step, with_cp changes neither outputs, gradients nor buffers,
+and checkpointing keeps gradients next to frozen stages. Family-specific behaviour
+stays in test_backbone.py, test_lit.py and test_scalablevit.py."""
+import copy
+
+import pytest
+import torch
+
+from test_backbone import _small as pale_small
+from test_lit import _small as lit_small
+from test_scalablevit import _small as scalablevit_small
+
+# family -> (factory, parts frozen by frozen_stages=2, a parameter of stage 3)
+FAMILIES = {
+    'pale': (pale_small,
+             ['patch_embeds.0', 'patch_embeds.1', 'stages.0', 'stages.1', 'norm0', 'norm1'],
+             'stages.2.0.mlp.fc1.weight'),
+    'lit-swin': (lambda **kw: lit_small('swin', **kw),
+                 ['patch_embed', 'layers.0.blocks', 'layers.1.blocks', 'layers.0.downsample',
+                  'norm0', 'norm1'],
+                 'layers.2.blocks.0.mlp.fc1.weight'),
+    'lit-pvt': (lambda **kw: lit_small('pvt', **kw),
+                ['patch_embed1', 'patch_embed2', 'pos_embed1', 'pos_embed2', 'block1', 'block2',
+                 'norm0', 'norm1'],
+                'block3.0.mlp.fc1.weight'),
+    'scalablevit': (scalablevit_small,
+                    ['patch_embeds.0', 'patch_embeds.1', 'pos_block.0', 'pos_block.1',
+                     'stages.0', 'stages.1', 'norm0', 'norm1'],
+                    'stages.2.0.mlp.fc1.weight'),
+}
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_frozen_stages(family):
+    factory, frozen, live = FAMILIES[family]
+    model = factory(frozen_stages=2)
+
+    def is_frozen(name):
+        return any(name == f or name.startswith(f + '.') for f in frozen)
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (not is_frozen(name)), name
+    model.train()
+    for name, m in model.named_modules():
+        assert m.training == (not is_frozen(name)), name  # frozen parts stay in eval
+    # frozen parts really stay fixed through an optimizer step
+    before = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    sum(o.sum() for o in model(torch.randn(2, 3, 64, 64))).backward()
+    opt.step()
+    after = model.state_dict()
+    for k in before:
+        if is_frozen(k):
+            assert torch.equal(before[k], after[k]), k  # includes BN running stats
+    assert not torch.equal(before[live], after[live])
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_with_cp_same_outputs_grads_and_buffers(family):
+    torch.manual_seed(0)
+    ref = FAMILIES[family][0](drop_path_rate=0.3, drop_rate=0.1, attn_drop_rate=0.1).train()
+    cp = copy.deepcopy(ref)
+    cp.with_cp = True
+    x = torch.randn(2, 3, 45, 38)
+    outs = []
+    for m in (ref, cp):
+        torch.manual_seed(42)  # dropout and drop path replay under checkpointing
+        o = m(x)
+        sum((oi * torch.arange(oi.numel()).view_as(oi).sin()).sum() for oi in o).backward()
+        outs.append(o)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for (n, p), (_, q) in zip(ref.named_parameters(), cp.named_parameters()):
+        assert p.grad is not None, n
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
+    for (n, b1), (_, b2) in zip(ref.named_buffers(), cp.named_buffers()):
+        assert torch.equal(b1, b2), n  # BN running stats updated once, not twice
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_with_cp_and_frozen_stages_keep_gradients(family):
+    model = FAMILIES[family][0](with_cp=True, frozen_stages=1).train()
+    sum(o.sum() for o in model(torch.randn(2, 3, 64, 64))).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
