@@ -4,16 +4,10 @@
 # (official for Ti/S; ours for M/B).
 # Official ImageNet weights (github.com/ziplab/LIT releases, lit_ti.pth) load as is:
 #   model.backbone.init_cfg=dict(type='Pretrained', checkpoint='lit_ti.pth')
-_base_ = [
-    'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
-    'mmdet::_base_/datasets/coco_instance.py',
-    'mmdet::_base_/schedules/schedule_1x.py',
-    'mmdet::_base_/default_runtime.py',
-]
-custom_imports = dict(imports=['pale_mm'], allow_failed_imports=False)
-
+# Built on the Pale-T Mask R-CNN config (same model, data, 1x schedule and batch);
+# the warm-up and the optimizer settings below are LIT's own.
+_base_ = '../pale/mask-rcnn_pale-t_fpn_1x_coco.py'
 model = dict(
-    type='MaskRCNN',
     backbone=dict(
         _delete_=True,
         type='LIT',
@@ -25,25 +19,16 @@ model = dict(
         init_cfg=None),
     neck=dict(in_channels=[64, 128, 320, 512]))
 
-max_epochs = 12
-train_cfg = dict(max_epochs=max_epochs)
-
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
-    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[8, 11],
-         gamma=0.1),
+    dict(type='MultiStepLR', begin=0, end={{_base_.max_epochs}}, by_epoch=True,
+         milestones=[8, 11], gamma=0.1),
 ]
 
 # The official LIT recipe (ziplab/LIT detection/configs/lit): AdamW lr 2e-4, weight
-# decay 1e-4, none on norms and relative position tables.
+# decay 1e-4, none on norms and position tables.
 optim_wrapper = dict(
-    type='OptimWrapper',
-    paramwise_cfg=dict(norm_decay_mult=0., custom_keys={
+    paramwise_cfg=dict(custom_keys={
         'relative_position_bias_table': dict(decay_mult=0.),
         'pos_embed': dict(decay_mult=0.)}),
-    optimizer=dict(_delete_=True, type='AdamW', lr=2e-4, betas=(0.9, 0.999),
-                   weight_decay=1e-4))
-
-# 8 GPUs x 2 images = batch 16.
-train_dataloader = dict(batch_size=2)
-auto_scale_lr = dict(enable=False, base_batch_size=16)
+    optimizer=dict(lr=2e-4, weight_decay=1e-4))

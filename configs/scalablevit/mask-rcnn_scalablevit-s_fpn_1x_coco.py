@@ -3,16 +3,11 @@
 # its detection code was never released. Drop path 0.2 (ours).
 # Official ImageNet weights ({'model': ..., 'args': Namespace}) load as is:
 #   model.backbone.init_cfg=dict(type='Pretrained', checkpoint='scalablevit_s.pth')
-_base_ = [
-    'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
-    'mmdet::_base_/datasets/coco_instance.py',
-    'mmdet::_base_/schedules/schedule_1x.py',
-    'mmdet::_base_/default_runtime.py',
-]
-custom_imports = dict(imports=['pale_mm'], allow_failed_imports=False)
-
+# Recipe: the Pale-T Mask R-CNN config's (Swin protocol: AdamW lr 1e-4, weight decay
+# 0.05 and none on norm layers, warm-up 1000 iterations, steps at epochs 8 and 11),
+# with this backbone.
+_base_ = '../pale/mask-rcnn_pale-t_fpn_1x_coco.py'
 model = dict(
-    type='MaskRCNN',
     backbone=dict(
         _delete_=True,
         type='ScalableViT',
@@ -23,24 +18,3 @@ model = dict(
         with_cp=False,
         init_cfg=None),
     neck=dict(in_channels=[64, 128, 256, 512]))
-
-max_epochs = 12
-train_cfg = dict(max_epochs=max_epochs)
-
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=1000),
-    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[8, 11],
-         gamma=0.1),
-]
-
-# Swin protocol (ScalableViT released no detection code): AdamW lr 1e-4, weight
-# decay 0.05, none on norm layers.
-optim_wrapper = dict(
-    type='OptimWrapper',
-    paramwise_cfg=dict(norm_decay_mult=0.),
-    optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, betas=(0.9, 0.999),
-                   weight_decay=0.05))
-
-# 8 GPUs x 2 images = batch 16.
-train_dataloader = dict(batch_size=2)
-auto_scale_lr = dict(enable=False, base_batch_size=16)
