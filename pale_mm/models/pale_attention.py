@@ -55,14 +55,6 @@ def _group_parts(H: int, size: int) -> List[Tuple[int, int, int]]:
     return parts
 
 
-def _branch_views(x: torch.Tensor, sizes: Tuple[int, int]):
-    """The row and column branches of a ``(B, H, W, C)`` map as ``(view, size)``:
-    channels ``[:C/2]`` as ``(B, H, W, c)`` grouped along H, channels ``[C/2:]``
-    transposed to ``(B, W, H, c)`` grouped along W."""
-    c = x.shape[-1] // 2
-    return ((x[..., :c], sizes[0]), (x[..., c:].transpose(1, 2), sizes[1]))
-
-
 def _copy_groups(t: torch.Tensor, parts: Sequence[torch.Tensor], size: int, heads: int,
                  to_groups: bool):
     """Copy between a ``(B, H, W, c)`` branch view ``t`` (any strides; groups along
@@ -96,10 +88,16 @@ def _part_shapes(shape, sizes: Tuple[int, int], heads: int):
             for g0, g1, n in _group_parts(length, size)]
 
 
-def _split_parts(parts: Sequence[torch.Tensor], shape, sizes):
-    """Split a flat list of grouped tensors between the row and the column branch."""
-    n_row = len(_group_parts(shape[1], sizes[0]))
-    return parts[:n_row], parts[n_row:]
+def _copy_map(x: torch.Tensor, parts: Sequence[torch.Tensor], sizes: Tuple[int, int],
+              heads: int, to_groups: bool):
+    """Copy between a ``(B, H, W, C)`` map and the grouped tensors of both branches
+    (flat, row-branch parts first, as :func:`_part_shapes` lists them): channels
+    ``[:C/2]`` grouped along H, channels ``[C/2:]`` along W. ``to_groups`` copies
+    the map into ``parts``, otherwise ``parts`` into the map."""
+    c = x.shape[-1] // 2
+    n_row = len(_group_parts(x.shape[1], sizes[0]))
+    _copy_groups(x[..., :c], parts[:n_row], sizes[0], heads, to_groups)
+    _copy_groups(x[..., c:].transpose(1, 2), parts[n_row:], sizes[1], heads, to_groups)
 
 
 class _PaleGroup(torch.autograd.Function):
@@ -115,10 +113,7 @@ class _PaleGroup(torch.autograd.Function):
         shapes = _part_shapes(shape, sizes, heads)
         out = [[t.new_empty(s) for t in (q, k, v)] for s in shapes]
         for i, t in enumerate((q, k, v)):
-            parts = [p[i] for p in out]
-            for (view, size), branch in zip(_branch_views(t, sizes),
-                                            _split_parts(parts, shape, sizes)):
-                _copy_groups(view, branch, size, heads, True)
+            _copy_map(t, [p[i] for p in out], sizes, heads, True)
         return tuple(x for p in out for x in p)
 
     @staticmethod
@@ -135,9 +130,7 @@ class _PaleGroup(torch.autograd.Function):
             grad = ref.new_empty(shape)
             parts = [ref.new_zeros(s) if g is None else g.contiguous()
                      for g, s in zip(parts, _part_shapes(shape, sizes, heads))]
-            for (view, size), branch in zip(_branch_views(grad, sizes),
-                                            _split_parts(parts, shape, sizes)):
-                _copy_groups(view, branch, size, heads, False)
+            _copy_map(grad, parts, sizes, heads, False)
             result.append(grad)
         return (None, None, *result)
 
@@ -150,9 +143,7 @@ class _PaleUngroup(torch.autograd.Function):
     def forward(ctx, shape, sizes, heads, *parts):
         ctx.meta = (shape, sizes, heads)
         out = parts[0].new_empty(shape)
-        for (view, size), branch in zip(_branch_views(out, sizes),
-                                        _split_parts(parts, shape, sizes)):
-            _copy_groups(view, branch, size, heads, False)
+        _copy_map(out, parts, sizes, heads, False)
         return out
 
     @staticmethod
@@ -160,9 +151,7 @@ class _PaleUngroup(torch.autograd.Function):
     def backward(ctx, grad):
         shape, sizes, heads = ctx.meta
         parts = [grad.new_empty(s) for s in _part_shapes(shape, sizes, heads)]
-        for (view, size), branch in zip(_branch_views(grad, sizes),
-                                        _split_parts(parts, shape, sizes)):
-            _copy_groups(view, branch, size, heads, True)
+        _copy_map(grad, parts, sizes, heads, True)
         return (None, None, None, *parts)
 
 
