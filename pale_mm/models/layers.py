@@ -79,13 +79,14 @@ def _autocast_on() -> bool:
 
 
 def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """oneDNN's linear serves fp32 CPU tensors outside autocast and tracing (the
-    FLOP counter traces ``aten::linear``)."""
+    """oneDNN's linear serves fp32 CPU tensors outside autocast, tracing (the FLOP
+    counter traces ``aten::linear``) and torch.compile (inductor picks its own kernels)."""
+    if torch.compiler.is_compiling():  # first: the checks below would break the graph
+        return False
     return (_fast_cpu_linear[0] and _ONEDNN_LINEAR is not None and x.device.type == 'cpu'
             and x.dtype == torch.float32 and weight.dtype == torch.float32
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and not (_autocast_on() or torch.jit.is_tracing()
-                     or torch.compiler.is_compiling()))
+            and not (_autocast_on() or torch.jit.is_tracing()))
 
 
 def _needs_grad(*tensors) -> bool:

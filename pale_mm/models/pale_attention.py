@@ -100,6 +100,24 @@ def _copy_map(x: torch.Tensor, parts: Sequence[torch.Tensor], sizes: Tuple[int, 
     _copy_groups(x[..., c:].transpose(1, 2), parts[n_row:], sizes[1], heads, to_groups)
 
 
+def _group(sizes, heads, q, k, v) -> Tuple[torch.Tensor, ...]:
+    """``q, k, v`` ``(B, H, W, C)`` -> their grouped layouts, flat as ``[q, k, v]``
+    per part, row-branch parts first (no autograd; see :class:`_PaleGroup`)."""
+    shapes = _part_shapes(tuple(int(s) for s in q.shape), sizes, heads)
+    out = [[t.new_empty(s) for t in (q, k, v)] for s in shapes]
+    for i, t in enumerate((q, k, v)):
+        _copy_map(t, [p[i] for p in out], sizes, heads, True)
+    return tuple(x for p in out for x in p)
+
+
+def _ungroup(shape, sizes, heads, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Grouped outputs -> the ``(B, H, W, C)`` map (no autograd; see
+    :class:`_PaleUngroup`)."""
+    out = parts[0].new_empty(shape)
+    _copy_map(out, parts, sizes, heads, False)
+    return out
+
+
 class _PaleGroup(torch.autograd.Function):
     """``q, k, v`` ``(B, H, W, C)`` -> their grouped layouts, flat as ``[q, k, v]``
     per part, row-branch parts first. Forward and backward each copy every element
@@ -108,13 +126,8 @@ class _PaleGroup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sizes, heads, q, k, v):
-        shape = tuple(int(s) for s in q.shape)
-        ctx.meta = (shape, sizes, heads)
-        shapes = _part_shapes(shape, sizes, heads)
-        out = [[t.new_empty(s) for t in (q, k, v)] for s in shapes]
-        for i, t in enumerate((q, k, v)):
-            _copy_map(t, [p[i] for p in out], sizes, heads, True)
-        return tuple(x for p in out for x in p)
+        ctx.meta = (tuple(int(s) for s in q.shape), sizes, heads)
+        return _group(sizes, heads, q, k, v)
 
     @staticmethod
     @once_differentiable
@@ -142,9 +155,7 @@ class _PaleUngroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, shape, sizes, heads, *parts):
         ctx.meta = (shape, sizes, heads)
-        out = parts[0].new_empty(shape)
-        _copy_map(out, parts, sizes, heads, False)
-        return out
+        return _ungroup(shape, sizes, heads, parts)
 
     @staticmethod
     @once_differentiable
@@ -208,11 +219,15 @@ def pale_attention_nhwc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     heads = num_heads // 2
     sizes = tuple(pale_size)
     shape = tuple(int(s) for s in q.shape)  # plain ints, also under jit tracing
-    grouped = _PaleGroup.apply(sizes, heads, q, k, v)
+    autograd = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    grouped = _PaleGroup.apply(sizes, heads, q, k, v) if autograd \
+        else _group(sizes, heads, q, k, v)
     scale = (shape[-1] // num_heads) ** -0.5
     outs = [F.scaled_dot_product_attention(*grouped[i:i + 3], dropout_p=attn_drop, scale=scale)
             for i in range(0, len(grouped), 3)]
-    return _PaleUngroup.apply(shape, sizes, heads, *outs)
+    if autograd:
+        return _PaleUngroup.apply(shape, sizes, heads, *outs)
+    return _ungroup(shape, sizes, heads, outs)
 
 
 def pale_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
