@@ -46,3 +46,19 @@ def test_benchmark_runs_and_writes_results(tmp_path):
     assert set(data['attention']['exponent']) == {'pale', 'window', 'global'}
     assert data['memory']['max_square']['pale']['max_side'] > 0
     assert res['gemm_gflops'] > 0
+
+
+@pytest.mark.slow
+def test_benchmark_compile_option(tmp_path):
+    """--compile runs both backbones through torch.compile (inductor)."""
+    bench = _load()
+    bench.main(['--models', 'pale:tiny', '--res', '64', '--modes', 'infer', '--reps', '1',
+                '--warmup', '1', '--sections', 'backbones', '--compile', '--out', str(tmp_path)])
+    data = json.loads((tmp_path / 'benchmark.json').read_text())
+    assert data['compile'] is True
+    (row,) = data['backbones']
+    assert row['compiled'] and 'ratio_plain_linear_over_swin' not in row
+    for k in ('ours', 'swin'):
+        assert row[k]['img_per_s'] > 0 and row[k]['peak_mem_mb'] > 0
+        # the first call compiled, so it took longer than a compiled call
+        assert row[k]['first_call_s'] > row[k]['median_s']

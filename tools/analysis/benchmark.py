@@ -4,6 +4,7 @@
     python tools/analysis/benchmark.py                      # full run (CPU: ~30 min)
     python tools/analysis/benchmark.py --models pale:tiny --res 512 --reps 5
     python tools/analysis/benchmark.py --device cuda --amp bf16
+    python tools/analysis/benchmark.py --compile --models pale:tiny --res 512  # inductor
 
 For every (model, resolution, mode) our backbone (Pale, LIT or ScalableViT) and
 the Swin of matching size run interleaved in the same process, after warm-up, and
@@ -18,7 +19,9 @@ attention-level sweep times PS-Attention, Swin window attention and global
 attention at equal width over growing token grids and fits time ~ tokens^p.
 Memory at scale: peak training memory of Pale-T and Swin-T with and without
 ``with_cp``, and the largest square input that fits a memory budget. Results go
-to JSON and a PNG plot.
+to JSON and a PNG plot. ``--compile`` puts both backbones through ``torch.compile``
+(inductor) and marks their rows ``*``; the first, compiling call is kept apart
+(``first_call_s``), and the memory probe compiles too.
 """
 import argparse
 import gc
@@ -115,23 +118,25 @@ def _build_named(name, with_cp=False):
     return build_ours(name, with_cp=with_cp)
 
 
-def measure_peak(name, hw, mode, device, amp=None, with_cp=False, batch=1):
+def measure_peak(name, hw, mode, device, amp=None, with_cp=False, batch=1, compile=False):
     """Peak memory of one step, in bytes above the level before it.
 
     CUDA: max allocated, in process. CPU: in a fresh subprocess with glibc's mmap
     threshold pinned, so freed buffers go back to the OS and the sampled RSS shows
     this step's own peak (in a long-running process the heap keeps earlier peaks)."""
     if device.type == 'cuda':
-        m = _build_named(name, with_cp).to(device)
+        m = _maybe_compile(_build_named(name, with_cp).to(device), compile)
         x = torch.randn(batch, 3, *hw, device=device)
         step = make_step(m, x, mode, amp)
+        if compile:
+            step()  # compile outside the measured step
         with PeakMemory(device) as pm:
             step()
         return pm.bytes
     import subprocess
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
     spec = json.dumps(dict(name=name, hw=list(hw), mode=mode, with_cp=with_cp, batch=batch,
-                           threads=torch.get_num_threads()))
+                           threads=torch.get_num_threads(), compile=compile))
     out = subprocess.run([sys.executable, os.path.abspath(__file__), '--_memory-case', spec],
                          env=env, capture_output=True, text=True)
     if out.returncode != 0:
@@ -143,12 +148,20 @@ def _memory_case(spec):
     spec = json.loads(spec)
     torch.set_num_threads(spec['threads'])
     import pale_mm  # noqa: F401
-    m = _build_named(spec['name'], spec['with_cp'])
+    m = _maybe_compile(_build_named(spec['name'], spec['with_cp']), spec.get('compile'))
     x = torch.randn(spec['batch'], 3, *spec['hw'])
     step = make_step(m, x, spec['mode'], None)
+    if spec.get('compile'):
+        step()  # compile (inductor's on-disk cache makes a repeat fast) outside the peak
     with PeakMemory(torch.device('cpu')) as pm:
         step()
     print(pm.bytes)
+
+
+def _maybe_compile(model, compile):
+    """``torch.compile`` (inductor, static shapes: each case has one input size) when
+    asked; the model is compiled lazily by its first call."""
+    return torch.compile(model, dynamic=False) if compile else model
 
 
 def make_step(model, x, mode, amp):
@@ -220,17 +233,19 @@ def bench_backbones(args, device, gemm, bar):
             models = {'ours': build_ours(spec).to(device),
                       'swin': build_swin(SWIN_PEER[spec]).to(device)}
             madds = {k: count_flops(m.cpu(), (3, h, w)) * args.batch for k, m in models.items()}
-            for m in models.values():
-                m.to(device)
+            models = {k: _maybe_compile(m.to(device), args.compile) for k, m in models.items()}
             for mode in args.modes:
                 steps = {k: make_step(m, x, mode, args.amp) for k, m in models.items()}
-                if mode == 'infer' and device.type == 'cpu' and not args.amp:
+                if mode == 'infer' and device.type == 'cpu' and not (args.amp or args.compile):
                     # the same model with the oneDNN inference linear off (F.linear)
                     steps['ours_plain_linear'] = _plain_linear(steps['ours'])
-                mem = {k: measure_peak(n, (h, w), mode, device, args.amp, batch=args.batch)
+                mem = {k: measure_peak(n, (h, w), mode, device, args.amp, batch=args.batch,
+                                       compile=args.compile)
                        for k, n in (('ours', spec), ('swin', 'swin:' + SWIN_PEER[spec]))}
-                for step in steps.values():  # warm-up
-                    for _ in range(args.warmup):
+                first = {}  # the first call compiles when --compile
+                for k, step in steps.items():  # warm-up
+                    first[k] = timed(step, device)
+                    for _ in range(args.warmup - 1):
                         step()
                 times = {k: [] for k in steps}
                 for _ in range(args.reps):  # interleaved
@@ -238,13 +253,14 @@ def bench_backbones(args, device, gemm, bar):
                         times[k].append(timed(step, device))
                 med = {k: statistics.median(v) for k, v in times.items()}
                 row = dict(model=spec, arch=spec.split(':')[1], swin=SWIN_PEER[spec],
-                           res=f'{h}x{w}', mode=mode, batch=args.batch)
+                           res=f'{h}x{w}', mode=mode, batch=args.batch, compiled=args.compile)
                 for k in ('ours', 'swin'):
                     factor = 3 if mode == 'train' else 1  # backward ~ 2x forward
                     row[k] = dict(
                         median_s=med[k], times_s=times[k], img_per_s=args.batch / med[k],
                         peak_mem_mb=mem[k] / 2 ** 20, gmadds=madds[k] / 1e9,
-                        gemm_fraction=2 * madds[k] * factor / med[k] / gemm)
+                        gemm_fraction=2 * madds[k] * factor / med[k] / gemm,
+                        first_call_s=first[k])
                 row['ratio_ours_over_swin'] = med['swin'] / med['ours']
                 if 'ours_plain_linear' in med:
                     row['ratio_plain_linear_over_swin'] = med['swin'] / med['ours_plain_linear']
@@ -273,7 +289,8 @@ def fmt_row(r):
     p, s = r['ours'], r['swin']
     plain = r.get('ratio_plain_linear_over_swin')
     plain = f' ({plain:.2f}x with F.linear)' if plain else ''
-    return (f"{r['model']:>13} {r['res']:>9} {r['mode']:>5} | ours {p['img_per_s']:7.2f} img/s "
+    mode = r['mode'] + ('*' if r.get('compiled') else '')
+    return (f"{r['model']:>13} {r['res']:>9} {mode:>6} | ours {p['img_per_s']:7.2f} img/s "
             f"{p['peak_mem_mb']:7.0f} MB {p['gmadds']:6.1f} GMACs {100 * p['gemm_fraction']:4.0f}% "
             f"| Swin {s['img_per_s']:7.2f} img/s {s['peak_mem_mb']:7.0f} MB {s['gmadds']:6.1f} "
             f"GMACs {100 * s['gemm_fraction']:4.0f}% | ours/Swin {r['ratio_ours_over_swin']:.2f}x"
@@ -415,6 +432,9 @@ def main(argv=None):
     ap.add_argument('--device', default='cpu')
     ap.add_argument('--amp', choices=['bf16', 'fp16'], default=None)
     ap.add_argument('--threads', type=int, default=None, help='torch threads (CPU)')
+    ap.add_argument('--compile', action='store_true',
+                    help='torch.compile (inductor) both models; rows are marked * and '
+                         'record the first (compiling) call as first_call_s')
     ap.add_argument('--sections', nargs='+', default=['backbones', 'attention', 'memory'],
                     choices=['backbones', 'attention', 'memory'])
     ap.add_argument('--sweep', nargs='+', type=parse_hw,
@@ -456,7 +476,8 @@ def main(argv=None):
     if 'memory' in args.sections:
         total += len(args.cp_res) + 2
     result = dict(device=dev_name, gemm_gflops=gemm / 1e9, torch=torch.__version__,
-                  amp=str(args.amp), batch=args.batch, reps=args.reps, statistic='median')
+                  amp=str(args.amp), batch=args.batch, reps=args.reps, statistic='median',
+                  compile=args.compile)
     with tqdm(total=total, desc='benchmark', file=sys.stdout, dynamic_ncols=True) as bar:
         if 'backbones' in args.sections:
             result['backbones'] = bench_backbones(args, device, gemm, bar)
