@@ -116,6 +116,13 @@ def test_padding_never_reaches_attention(H, W, pale, grad, monkeypatch):
     tokens = sum(qs[0] * qs[2] for qs, _, _ in calls)  # (batch*groups) * group length
     assert tokens == 2 * B * H * W  # row branch + column branch, real tokens only
 
+    # one call per distinct group length of each branch (G groups of interlaced lines
+    # have one length if G divides the side, else two); a square map and pale share
+    # each call between its row and column branch
+    sr, sc = (pale, pale) if isinstance(pale, int) else pale
+    lengths = [1 if L % -(-L // s) == 0 else 2 for L, s in ((H, sr), (W, sc))]
+    assert len(calls) == (lengths[0] if (H, sr) == (W, sc) else sum(lengths))
+
 
 def _dilate(mask: torch.Tensor) -> torch.Tensor:
     import torch.nn.functional as F

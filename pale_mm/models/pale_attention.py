@@ -88,6 +88,26 @@ def _part_shapes(shape, sizes: Tuple[int, int], heads: int):
             for g0, g1, n in _group_parts(length, size)]
 
 
+def _layout(shape, sizes: Tuple[int, int], heads: int):
+    """The SDPA buffers of a ``(B, H, W, C)`` map and where each part of
+    :func:`_part_shapes` lies in them, as ``(buffer_shapes, [(buffer, start, stop)])``
+    (a slice along the batch dim). When both branches have parts of the same shapes
+    (a square map and pale), each row part shares a buffer with its column part, so
+    one SDPA call serves both branches; otherwise every part has its own buffer."""
+    parts = _part_shapes(shape, sizes, heads)
+    n_row = len(_group_parts(shape[1], sizes[0]))
+    row, col = parts[:n_row], parts[n_row:]
+    if row == col:
+        return ([(2 * s[0],) + s[1:] for s in row],
+                [(i, 0, s[0]) for i, s in enumerate(row)]
+                + [(i, s[0], 2 * s[0]) for i, s in enumerate(row)])
+    return parts, [(i, 0, s[0]) for i, s in enumerate(parts)]
+
+
+def _part_views(buffers: Sequence[torch.Tensor], where) -> List[torch.Tensor]:
+    return [buffers[i][a:b] for i, a, b in where]
+
+
 def _copy_map(x: torch.Tensor, parts: Sequence[torch.Tensor], sizes: Tuple[int, int],
               heads: int, to_groups: bool):
     """Copy between a ``(B, H, W, C)`` map and the grouped tensors of both branches
@@ -101,26 +121,26 @@ def _copy_map(x: torch.Tensor, parts: Sequence[torch.Tensor], sizes: Tuple[int, 
 
 
 def _group(sizes, heads, q, k, v) -> Tuple[torch.Tensor, ...]:
-    """``q, k, v`` ``(B, H, W, C)`` -> their grouped layouts, flat as ``[q, k, v]``
-    per part, row-branch parts first (no autograd; see :class:`_PaleGroup`)."""
-    shapes = _part_shapes(tuple(int(s) for s in q.shape), sizes, heads)
+    """``q, k, v`` ``(B, H, W, C)`` -> their SDPA buffers (:func:`_layout`), flat as
+    ``[q, k, v]`` per buffer (no autograd; see :class:`_PaleGroup`)."""
+    shapes, where = _layout(tuple(int(s) for s in q.shape), sizes, heads)
     out = [[t.new_empty(s) for t in (q, k, v)] for s in shapes]
     for i, t in enumerate((q, k, v)):
-        _copy_map(t, [p[i] for p in out], sizes, heads, True)
-    return tuple(x for p in out for x in p)
+        _copy_map(t, _part_views([b[i] for b in out], where), sizes, heads, True)
+    return tuple(x for b in out for x in b)
 
 
-def _ungroup(shape, sizes, heads, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Grouped outputs -> the ``(B, H, W, C)`` map (no autograd; see
+def _ungroup(shape, sizes, heads, buffers: Sequence[torch.Tensor]) -> torch.Tensor:
+    """SDPA output buffers -> the ``(B, H, W, C)`` map (no autograd; see
     :class:`_PaleUngroup`)."""
-    out = parts[0].new_empty(shape)
-    _copy_map(out, parts, sizes, heads, False)
+    out = buffers[0].new_empty(shape)
+    _copy_map(out, _part_views(buffers, _layout(shape, sizes, heads)[1]), sizes, heads, False)
     return out
 
 
 class _PaleGroup(torch.autograd.Function):
-    """``q, k, v`` ``(B, H, W, C)`` -> their grouped layouts, flat as ``[q, k, v]``
-    per part, row-branch parts first. Forward and backward each copy every element
+    """``q, k, v`` ``(B, H, W, C)`` -> their SDPA buffers (:func:`_layout`), flat as
+    ``[q, k, v]`` per buffer. Forward and backward each copy every element
     once (autograd over slices and ``cat`` would copy several times and, for slice
     assignment, clone whole gradient buffers)."""
 
@@ -138,19 +158,20 @@ class _PaleGroup(torch.autograd.Function):
             if not ctx.needs_input_grad[2 + i]:
                 result.append(None)
                 continue
-            parts = grads[i::3]
-            ref = next(g for g in parts if g is not None)
+            bufs = grads[i::3]
+            ref = next(g for g in bufs if g is not None)
             grad = ref.new_empty(shape)
-            parts = [ref.new_zeros(s) if g is None else g.contiguous()
-                     for g, s in zip(parts, _part_shapes(shape, sizes, heads))]
-            _copy_map(grad, parts, sizes, heads, False)
+            shapes, where = _layout(shape, sizes, heads)
+            bufs = [ref.new_zeros(s) if g is None else g.contiguous()
+                    for g, s in zip(bufs, shapes)]
+            _copy_map(grad, _part_views(bufs, where), sizes, heads, False)
             result.append(grad)
         return (None, None, *result)
 
 
 class _PaleUngroup(torch.autograd.Function):
-    """Grouped attention outputs (one per part, as :class:`_PaleGroup` orders them)
-    -> the ``(B, H, W, C)`` map, each element copied once either way."""
+    """SDPA output buffers (as :class:`_PaleGroup` orders them) -> the ``(B, H, W, C)``
+    map, each element copied once either way."""
 
     @staticmethod
     def forward(ctx, shape, sizes, heads, *parts):
@@ -161,9 +182,10 @@ class _PaleUngroup(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         shape, sizes, heads = ctx.meta
-        parts = [grad.new_empty(s) for s in _part_shapes(shape, sizes, heads)]
-        _copy_map(grad, parts, sizes, heads, True)
-        return (None, None, None, *parts)
+        shapes, where = _layout(shape, sizes, heads)
+        bufs = [grad.new_empty(s) for s in shapes]
+        _copy_map(grad, _part_views(bufs, where), sizes, heads, True)
+        return (None, None, None, *bufs)
 
 
 class _BatchStats(torch.autograd.Function):
@@ -214,8 +236,9 @@ def pale_attention_nhwc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     rest the column branch, each with ``num_heads // 2`` heads. No validation.
 
     Every element of q, k and v is copied once into the grouped layout of its part
-    (:func:`_group_parts`), each part is one SDPA call, and each output element is
-    copied once back; the backward mirrors this."""
+    (:func:`_group_parts`), each SDPA buffer (one part, or a row part and its equal
+    column part: :func:`_layout`) is one SDPA call, and each output element is copied
+    once back; the backward mirrors this."""
     heads = num_heads // 2
     sizes = tuple(pale_size)
     shape = tuple(int(s) for s in q.shape)  # plain ints, also under jit tracing
