@@ -7,18 +7,14 @@ import copy
 import pytest
 import torch
 
-from pale_mm.models import LIT, PaleTransformer, ScalableViT
+from test_backbone_interface import FAMILIES
 
 dynamo = pytest.importorskip('torch._dynamo')
 
-TINY_PALE = dict(embed_dims=32, depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2))
 
-
-def _build(name):
+def _build(family):
     torch.manual_seed(0)
-    m = dict(pale=lambda: PaleTransformer(TINY_PALE, drop_path_rate=0.),
-             lit=lambda: LIT('ti', drop_path_rate=0.),
-             scalablevit=lambda: ScalableViT('s', drop_path_rate=0.))[name]()
+    m = FAMILIES[family][0](drop_path_rate=0.)
     m.init_weights()
     return m
 
@@ -31,9 +27,9 @@ def _fresh_dynamo():
 
 
 @pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
-@pytest.mark.parametrize('name', ['pale', 'lit', 'scalablevit'])
-def test_one_graph_without_breaks(name, training):
-    m = _build(name).train(training)
+@pytest.mark.parametrize('family', FAMILIES)
+def test_one_graph_without_breaks(family, training):
+    m = _build(family).train(training)
     with torch.set_grad_enabled(training):
         ex = dynamo.explain(m)(torch.randn(1, 3, 64, 64))
     reasons = [b.reason.splitlines()[0] for b in ex.break_reasons]

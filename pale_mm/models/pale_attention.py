@@ -120,10 +120,10 @@ def _copy_map(x: torch.Tensor, parts: Sequence[torch.Tensor], sizes: Tuple[int, 
     _copy_groups(x[..., c:].transpose(1, 2), parts[n_row:], sizes[1], heads, to_groups)
 
 
-def _group(sizes, heads, q, k, v) -> Tuple[torch.Tensor, ...]:
-    """``q, k, v`` ``(B, H, W, C)`` -> their SDPA buffers (:func:`_layout`), flat as
-    ``[q, k, v]`` per buffer (no autograd; see :class:`_PaleGroup`)."""
-    shapes, where = _layout(tuple(int(s) for s in q.shape), sizes, heads)
+def _group(shape, sizes, heads, q, k, v) -> Tuple[torch.Tensor, ...]:
+    """``q, k, v`` of ``shape`` ``(B, H, W, C)`` -> their SDPA buffers (:func:`_layout`),
+    flat as ``[q, k, v]`` per buffer (no autograd; see :class:`_PaleGroup`)."""
+    shapes, where = _layout(shape, sizes, heads)
     out = [[t.new_empty(s) for t in (q, k, v)] for s in shapes]
     for i, t in enumerate((q, k, v)):
         _copy_map(t, _part_views([b[i] for b in out], where), sizes, heads, True)
@@ -145,28 +145,28 @@ class _PaleGroup(torch.autograd.Function):
     assignment, clone whole gradient buffers)."""
 
     @staticmethod
-    def forward(ctx, sizes, heads, q, k, v):
-        ctx.meta = (tuple(int(s) for s in q.shape), sizes, heads)
-        return _group(sizes, heads, q, k, v)
+    def forward(ctx, shape, sizes, heads, q, k, v):
+        ctx.meta = (shape, sizes, heads)
+        return _group(shape, sizes, heads, q, k, v)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
         shape, sizes, heads = ctx.meta
+        shapes, where = _layout(shape, sizes, heads)
         result = []
         for i in range(3):
-            if not ctx.needs_input_grad[2 + i]:
+            if not ctx.needs_input_grad[3 + i]:
                 result.append(None)
                 continue
             bufs = grads[i::3]
             ref = next(g for g in bufs if g is not None)
             grad = ref.new_empty(shape)
-            shapes, where = _layout(shape, sizes, heads)
             bufs = [ref.new_zeros(s) if g is None else g.contiguous()
                     for g, s in zip(bufs, shapes)]
             _copy_map(grad, _part_views(bufs, where), sizes, heads, False)
             result.append(grad)
-        return (None, None, *result)
+        return (None, None, None, *result)
 
 
 class _PaleUngroup(torch.autograd.Function):
@@ -243,8 +243,8 @@ def pale_attention_nhwc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     sizes = tuple(pale_size)
     shape = tuple(int(s) for s in q.shape)  # plain ints, also under jit tracing
     autograd = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    grouped = _PaleGroup.apply(sizes, heads, q, k, v) if autograd \
-        else _group(sizes, heads, q, k, v)
+    grouped = _PaleGroup.apply(shape, sizes, heads, q, k, v) if autograd \
+        else _group(shape, sizes, heads, q, k, v)
     scale = (shape[-1] // num_heads) ** -0.5
     outs = [F.scaled_dot_product_attention(*grouped[i:i + 3], dropout_p=attn_drop, scale=scale)
             for i in range(0, len(grouped), 3)]

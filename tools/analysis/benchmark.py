@@ -125,14 +125,7 @@ def measure_peak(name, hw, mode, device, amp=None, with_cp=False, batch=1, compi
     threshold pinned, so freed buffers go back to the OS and the sampled RSS shows
     this step's own peak (in a long-running process the heap keeps earlier peaks)."""
     if device.type == 'cuda':
-        m = _maybe_compile(_build_named(name, with_cp).to(device), compile)
-        x = torch.randn(batch, 3, *hw, device=device)
-        step = make_step(m, x, mode, amp)
-        if compile:
-            step()  # compile outside the measured step
-        with PeakMemory(device) as pm:
-            step()
-        return pm.bytes
+        return _one_step_peak(name, hw, mode, device, amp, with_cp, batch, compile)
     import subprocess
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
     spec = json.dumps(dict(name=name, hw=list(hw), mode=mode, with_cp=with_cp, batch=batch,
@@ -148,14 +141,19 @@ def _memory_case(spec):
     spec = json.loads(spec)
     torch.set_num_threads(spec['threads'])
     import pale_mm  # noqa: F401
-    m = _maybe_compile(_build_named(spec['name'], spec['with_cp']), spec.get('compile'))
-    x = torch.randn(spec['batch'], 3, *spec['hw'])
-    step = make_step(m, x, spec['mode'], None)
-    if spec.get('compile'):
-        step()  # compile (inductor's on-disk cache makes a repeat fast) outside the peak
-    with PeakMemory(torch.device('cpu')) as pm:
+    print(_one_step_peak(spec['name'], spec['hw'], spec['mode'], torch.device('cpu'), None,
+                         spec['with_cp'], spec['batch'], spec['compile']))
+
+
+def _one_step_peak(name, hw, mode, device, amp, with_cp, batch, compile):
+    m = _maybe_compile(_build_named(name, with_cp).to(device), compile)
+    x = torch.randn(batch, 3, *hw, device=device)
+    step = make_step(m, x, mode, amp)
+    if compile:
+        step()  # compile outside the measured step (in a probe process, from inductor's cache)
+    with PeakMemory(device) as pm:
         step()
-    print(pm.bytes)
+    return pm.bytes
 
 
 def _maybe_compile(model, compile):
