@@ -335,17 +335,20 @@ class PSAttention(nn.Module):
         Each branch's depthwise conv output (channels-last) feeds its pointwise
         GEMM directly. In eval mode BatchNorm is folded into the conv; in training
         it runs on batch statistics and updates its running statistics once per
-        step (not during a gradient-checkpoint recompute)."""
+        step (not during a gradient-checkpoint recompute).
+
+        The fused parameters are split into their q/k/v thirds with ``chunk``, whose
+        backward concatenates the three gradients into one parameter-sized tensor;
+        indexing each third (``w[t*C:(t+1)*C]``) would instead zero-fill a full
+        parameter-sized gradient per third and sum the three."""
         B, H, W, C = x.shape
         bn = self.qkv_bn
         xc = x.permute(0, 3, 1, 2)
         dw = self.qkv_dw.weight
-        pw = self.qkv.weight
-        pb = self.qkv.bias
         fold = not bn.training
         if fold:
             scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-            shift = bn.bias - bn.running_mean * scale
+            shifts = (bn.bias - bn.running_mean * scale).chunk(3)
             dw = dw * scale.view(-1, 1, 1, 1)
         else:
             momentum = 0.  # 0: leave the running statistics alone
@@ -353,25 +356,30 @@ class PSAttention(nn.Module):
                 bn.num_batches_tracked.add_(1)
                 momentum = bn.momentum if bn.momentum is not None \
                     else 1.0 / float(bn.num_batches_tracked)
+            gammas, betas = bn.weight.chunk(3), bn.bias.chunk(3)
+        dws, pws = dw.chunk(3), self.qkv.weight.chunk(3)
+        pbs = (None,) * 3 if self.qkv.bias is None else self.qkv.bias.chunk(3)
         out = []
         for t in range(3):
-            sl = slice(t * C, (t + 1) * C)
-            w, b = pw[sl], None if pb is None else pb[sl]
+            w, b = pws[t], pbs[t]
             if fold:
-                y = F.conv2d(xc, dw[sl], shift[sl], 1, 1, 1, C).permute(0, 2, 3, 1)
+                y = F.conv2d(xc, dws[t], shifts[t], 1, 1, 1, C).permute(0, 2, 3, 1)
             else:
-                y = F.conv2d(xc, dw[sl], None, 1, 1, 1, C).permute(0, 2, 3, 1)
-                w, b = self._fold_batch_norm(y, sl, momentum, w, b)
+                y = F.conv2d(xc, dws[t], None, 1, 1, 1, C).permute(0, 2, 3, 1)
+                w, b = self._fold_batch_norm(y, slice(t * C, (t + 1) * C), momentum,
+                                             gammas[t], betas[t], w, b)
             out.append(linear(y, w, b))
         return out
 
-    def _fold_batch_norm(self, y: torch.Tensor, sl: slice, momentum: float, weight, bias):
-        """Training-mode BatchNorm of channels ``sl`` of the ``(B, H, W, C)`` map ``y``,
-        folded into the following pointwise projection: ``W (s*y + t) + b =
-        (W*s) y + (W t + b)`` with the batch statistics' ``s`` and ``t``. Autograd
-        differentiates through the statistics, so gradients are exactly BatchNorm's,
-        and no normalised copy of ``y`` is stored. Updates the running statistics
-        like ``nn.BatchNorm2d`` (unbiased variance) when ``momentum > 0``."""
+    def _fold_batch_norm(self, y: torch.Tensor, sl: slice, momentum: float, gamma, beta,
+                         weight, bias):
+        """Training-mode BatchNorm of channels ``sl`` of the ``(B, H, W, C)`` map ``y``
+        (affine ``gamma``, ``beta``: those channels' BN weight and bias), folded into
+        the following pointwise projection: ``W (s*y + t) + b = (W*s) y + (W t + b)``
+        with the batch statistics' ``s`` and ``t``. Autograd differentiates through
+        the statistics, so gradients are exactly BatchNorm's, and no normalised copy
+        of ``y`` is stored. Updates the running statistics like ``nn.BatchNorm2d``
+        (unbiased variance) when ``momentum > 0``."""
         bn = self.qkv_bn
         n = y.numel() // y.shape[-1]
         if n < 2:
@@ -383,8 +391,8 @@ class PSAttention(nn.Module):
             with torch.no_grad():
                 bn.running_mean[sl].lerp_(mean, momentum)
                 bn.running_var[sl].lerp_(var * (n / (n - 1)), momentum)
-        scale = bn.weight[sl] * torch.rsqrt(var + bn.eps)
-        shift = bn.bias[sl] - mean * scale
+        scale = gamma * torch.rsqrt(var + bn.eps)
+        shift = beta - mean * scale
         folded_bias = weight @ shift if bias is None else torch.addmv(bias, weight, shift)
         return weight * scale, folded_bias
 
