@@ -22,6 +22,27 @@ def test_fit_exponent():
     assert bench.fit_exponent([1, 10, 100], [3, 300, 30000]) == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize('amp', [None, 'bfloat16'])
+def test_cpu_memory_probe_runs_the_timed_precision(amp):
+    """The CPU memory probe (a subprocess) measures the step under the same autocast
+    dtype as the timed steps, not always fp32."""
+    import torch
+    bench = _load()
+    dtype = amp and getattr(torch, amp)
+    peak = bench.measure_peak('pale:tiny', (64, 64), 'infer', torch.device('cpu'), dtype)
+    assert peak > 0
+    seen = []
+
+    def record(*args):
+        seen.append(args[4])
+        return 0
+    bench._one_step_peak = record
+    bench._memory_case(json.dumps(dict(name='pale:tiny', hw=[64, 64], mode='infer',
+                                       with_cp=False, batch=1, threads=1, compile=False,
+                                       amp=amp)))
+    assert seen == [dtype]
+
+
 @pytest.mark.slow
 def test_benchmark_runs_and_writes_results(tmp_path):
     bench = _load()

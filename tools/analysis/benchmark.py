@@ -129,7 +129,8 @@ def measure_peak(name, hw, mode, device, amp=None, with_cp=False, batch=1, compi
     import subprocess
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
     spec = json.dumps(dict(name=name, hw=list(hw), mode=mode, with_cp=with_cp, batch=batch,
-                           threads=torch.get_num_threads(), compile=compile))
+                           threads=torch.get_num_threads(), compile=compile,
+                           amp=None if amp is None else str(amp).replace('torch.', '')))
     out = subprocess.run([sys.executable, os.path.abspath(__file__), '--_memory-case', spec],
                          env=env, capture_output=True, text=True)
     if out.returncode != 0:
@@ -141,7 +142,8 @@ def _memory_case(spec):
     spec = json.loads(spec)
     torch.set_num_threads(spec['threads'])
     import pale_mm  # noqa: F401
-    print(_one_step_peak(spec['name'], spec['hw'], spec['mode'], torch.device('cpu'), None,
+    amp = spec['amp'] and getattr(torch, spec['amp'])  # autocast dtype, as the timed steps
+    print(_one_step_peak(spec['name'], spec['hw'], spec['mode'], torch.device('cpu'), amp,
                          spec['with_cp'], spec['batch'], spec['compile']))
 
 
