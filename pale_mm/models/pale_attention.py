@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .cpu_attention import can_fuse, fused_attention
 from .layers import check_pale_size, linear
 
 __all__ = ['pale_attention', 'PSAttention', 'pale_groups']
@@ -238,7 +239,8 @@ def pale_attention_nhwc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Every element of q, k and v is copied once into the grouped layout of its part
     (:func:`_group_parts`), each SDPA buffer (one part, or a row part and its equal
     column part: :func:`_layout`) is one SDPA call, and each output element is copied
-    once back; the backward mirrors this."""
+    once back; the backward mirrors this. On fp32 CPU tensors at head dim 32 the
+    calls go to :mod:`.cpu_attention`'s fused kernel instead of SDPA (same function)."""
     heads = num_heads // 2
     sizes = tuple(pale_size)
     shape = tuple(int(s) for s in q.shape)  # plain ints, also under jit tracing
@@ -246,8 +248,13 @@ def pale_attention_nhwc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     grouped = _PaleGroup.apply(shape, sizes, heads, q, k, v) if autograd \
         else _group(shape, sizes, heads, q, k, v)
     scale = (shape[-1] // num_heads) ** -0.5
-    outs = [F.scaled_dot_product_attention(*grouped[i:i + 3], dropout_p=attn_drop, scale=scale)
-            for i in range(0, len(grouped), 3)]
+    if can_fuse(grouped[0], attn_drop):  # fp32 CPU at head dim 32: the fused kernel
+        outs = [fused_attention(*grouped[i:i + 3], scale=scale)
+                for i in range(0, len(grouped), 3)]
+    else:
+        outs = [F.scaled_dot_product_attention(*grouped[i:i + 3], dropout_p=attn_drop,
+                                               scale=scale)
+                for i in range(0, len(grouped), 3)]
     if autograd:
         return _PaleUngroup.apply(shape, sizes, heads, *outs)
     return _ungroup(shape, sizes, heads, outs)

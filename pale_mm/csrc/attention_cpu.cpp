@@ -1,0 +1,278 @@
+// Fused fp32 softmax attention for the CPU at head dim 32 (AVX-512), forward and
+// backward, used by PS-Attention (pale_mm/models/cpu_attention.py).
+//
+// q, k, v, o: (BH, N, 32) contiguous float32. Each row of scores (N <= a few
+// thousand for pale groups) is computed whole, so the softmax is exact per row
+// (no online rescaling). Register tiles: 8 query rows x 32 key columns for the
+// score GEMM (contraction over the head dim), 8 rows x 32 head channels for the
+// value GEMM (contraction over keys). The forward returns o and the row
+// log-sum-exp, which the backward uses to recompute the probabilities.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int D = 32;   // head dim
+constexpr int MR = 8;   // rows per register tile
+constexpr int MB = 32;  // query rows per backward block (a multiple of MR)
+constexpr int QCHUNK = 128;  // query rows per forward work item
+
+inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// exp(x) for x <= 0 (differences to a row maximum); |rel err| ~ 2e-7.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);  // in [-0.5, 0.5]
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// C[MR][ldc] = A[MR][D] (row stride D) x Bt[D][ldb], columns [0, np), np % 16 == 0.
+void gemm_abt(const float* A, const float* Bt, int ldb, int np, float* C, int ldc) {
+  int j = 0;
+  for (; j + 32 <= np; j += 32) {
+    __m512 c0[MR], c1[MR];
+    for (int i = 0; i < MR; i++) c0[i] = c1[i] = _mm512_setzero_ps();
+    for (int kk = 0; kk < D; kk++) {
+      const __m512 b0 = _mm512_loadu_ps(Bt + kk * ldb + j);
+      const __m512 b1 = _mm512_loadu_ps(Bt + kk * ldb + j + 16);
+      for (int i = 0; i < MR; i++) {
+        const __m512 a = _mm512_set1_ps(A[i * D + kk]);
+        c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
+        c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
+      }
+    }
+    for (int i = 0; i < MR; i++) {
+      _mm512_storeu_ps(C + i * ldc + j, c0[i]);
+      _mm512_storeu_ps(C + i * ldc + j + 16, c1[i]);
+    }
+  }
+  for (; j < np; j += 16) {
+    __m512 c0[MR];
+    for (int i = 0; i < MR; i++) c0[i] = _mm512_setzero_ps();
+    for (int kk = 0; kk < D; kk++) {
+      const __m512 b0 = _mm512_loadu_ps(Bt + kk * ldb + j);
+      for (int i = 0; i < MR; i++)
+        c0[i] = _mm512_fmadd_ps(_mm512_set1_ps(A[i * D + kk]), b0, c0[i]);
+    }
+    for (int i = 0; i < MR; i++) _mm512_storeu_ps(C + i * ldc + j, c0[i]);
+  }
+}
+
+// C[MR][D] (= or +=) sum_l A[r*sr + l*sl] * B[l][0:D], l in [0, L).
+void gemm_ab(const float* A, int64_t sr, int64_t sl, const float* B, int L, float* C,
+             bool accumulate) {
+  __m512 c0[MR], c1[MR];
+  for (int i = 0; i < MR; i++) {
+    c0[i] = accumulate ? _mm512_loadu_ps(C + i * D) : _mm512_setzero_ps();
+    c1[i] = accumulate ? _mm512_loadu_ps(C + i * D + 16) : _mm512_setzero_ps();
+  }
+  for (int l = 0; l < L; l++) {
+    const __m512 b0 = _mm512_loadu_ps(B + l * D);
+    const __m512 b1 = _mm512_loadu_ps(B + l * D + 16);
+    const float* a = A + l * sl;
+    for (int i = 0; i < MR; i++) {
+      const __m512 ai = _mm512_set1_ps(a[i * sr]);
+      c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);
+      c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
+    }
+  }
+  for (int i = 0; i < MR; i++) {
+    _mm512_storeu_ps(C + i * D, c0[i]);
+    _mm512_storeu_ps(C + i * D + 16, c1[i]);
+  }
+}
+
+// Kt[D][np] = K[n][D]^T, zero in columns [n, np).
+void pack_transposed(const float* K, int n, int np, float* Kt) {
+  for (int kk = 0; kk < D; kk++) std::fill(Kt + kk * np + n, Kt + (kk + 1) * np, 0.f);
+  for (int j = 0; j < n; j++)
+    for (int kk = 0; kk < D; kk++) Kt[kk * np + j] = K[j * D + kk];
+}
+
+// Lanes of the 16-column block at j that are real keys (columns < n).
+inline __mmask16 key_mask(int j, int n) {
+  return n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
+}
+
+// Rows of MR x np scores -> exp(s - m), m the row max over the real columns [0, n);
+// columns >= n become exactly 0. Returns each row's max and sum.
+void softmax_rows(float* S, int n, int np, float* row_max, float* row_sum) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int i = 0; i < MR; i++) {
+    float* s = S + static_cast<size_t>(i) * np;
+    __m512 mx = neg_inf;
+    for (int j = 0; j < np; j += 16)
+      mx = _mm512_mask_max_ps(mx, key_mask(j, n), mx, _mm512_loadu_ps(s + j));
+    const float m = _mm512_reduce_max_ps(mx);
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (int j = 0; j < np; j += 16) {
+      const __m512 e = _mm512_maskz_mov_ps(key_mask(j, n),
+                                           exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv)));
+      _mm512_storeu_ps(s + j, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    row_max[i] = m;
+    row_sum[i] = _mm512_reduce_add_ps(sum);
+  }
+}
+
+void check_inputs(const std::vector<torch::Tensor>& ts, const torch::Tensor& ref) {
+  for (const auto& t : ts) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat,
+                "pale_mm attention_cpu: expected float32 CPU tensors");
+    TORCH_CHECK(t.dim() == 3 && t.sizes() == ref.sizes() && t.is_contiguous(),
+                "pale_mm attention_cpu: expected contiguous (BH, N, 32) tensors of one shape");
+  }
+  TORCH_CHECK(ref.size(2) == D, "pale_mm attention_cpu: head dim must be 32, got ", ref.size(2));
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                             double scale) {
+  check_inputs({q, k, v}, q);
+  const int64_t BH = q.size(0);
+  const int n = static_cast<int>(q.size(1));
+  auto o = torch::empty_like(q);
+  auto lse = torch::empty({BH, n}, q.options());
+  if (n == 0 || BH == 0) return {o, lse};
+  const int np = round_up(n, 16);
+  const int chunks = (n + QCHUNK - 1) / QCHUNK;
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = o.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, BH * chunks, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> Kt(static_cast<size_t>(D) * np), S(static_cast<size_t>(MR) * np);
+    float Qs[MR * D], Ot[MR * D], mx[MR], sum[MR];
+    int64_t packed = -1;
+    for (int64_t w = w0; w < w1; w++) {
+      const int64_t b = w / chunks;
+      const int c = static_cast<int>(w % chunks);
+      const int64_t base = b * n * D;
+      if (b != packed) {
+        pack_transposed(kp + base, n, np, Kt.data());
+        packed = b;
+      }
+      const int r1 = std::min(n, (c + 1) * QCHUNK);
+      for (int r0 = c * QCHUNK; r0 < r1; r0 += MR) {
+        const int mr = std::min(MR, r1 - r0);
+        std::fill(Qs, Qs + MR * D, 0.f);
+        for (int x = 0; x < mr * D; x++) Qs[x] = qp[base + r0 * D + x] * sc;
+        gemm_abt(Qs, Kt.data(), np, np, S.data(), np);
+        softmax_rows(S.data(), n, np, mx, sum);
+        gemm_ab(S.data(), np, 1, vp + base, n, Ot, false);
+        for (int i = 0; i < mr; i++) {
+          const float inv = 1.f / sum[i];
+          for (int x = 0; x < D; x++) op[base + (r0 + i) * D + x] = Ot[i * D + x] * inv;
+          lp[b * n + r0 + i] = mx[i] + std::log(sum[i]);
+        }
+      }
+    }
+  });
+  return {o, lse};
+}
+
+std::vector<torch::Tensor> attention_backward(torch::Tensor grad_out, torch::Tensor q,
+                                              torch::Tensor k, torch::Tensor v, torch::Tensor o,
+                                              torch::Tensor lse, double scale) {
+  check_inputs({grad_out, q, k, v, o}, q);
+  const int64_t BH = q.size(0);
+  const int n = static_cast<int>(q.size(1));
+  TORCH_CHECK(lse.is_contiguous() && lse.dim() == 2 && lse.size(0) == BH && lse.size(1) == n,
+              "pale_mm attention_cpu: lse must be a contiguous (BH, N) tensor");
+  auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
+  if (n == 0 || BH == 0) return {dq, dk, dv};
+  const int np = round_up(n, 16);
+  const float* gp = grad_out.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* op = o.data_ptr<float>();
+  const float* lp = lse.data_ptr<float>();
+  float* dqp = dq.data_ptr<float>();
+  float* dkp = dk.data_ptr<float>();
+  float* dvp = dv.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, BH, 1, [&](int64_t b0, int64_t b1) {
+    const size_t npd = static_cast<size_t>(np) * D, blk = static_cast<size_t>(MB) * np;
+    std::vector<float> Kt(npd), Vt(npd), dK(npd), dV(npd), P(blk), dS(blk);
+    std::vector<float> Qs(MB * D), G(MB * D);
+    float dQt[MR * D];
+    for (int64_t b = b0; b < b1; b++) {
+      const int64_t base = b * n * D;
+      pack_transposed(kp + base, n, np, Kt.data());
+      pack_transposed(vp + base, n, np, Vt.data());
+      std::fill(dK.begin(), dK.end(), 0.f);
+      std::fill(dV.begin(), dV.end(), 0.f);
+      for (int r0 = 0; r0 < n; r0 += MB) {
+        const int mb = std::min(MB, n - r0);
+        const int mbp = round_up(mb, MR);
+        std::fill(Qs.begin(), Qs.end(), 0.f);
+        std::fill(G.begin(), G.end(), 0.f);
+        for (int x = 0; x < mb * D; x++) {
+          Qs[x] = qp[base + r0 * D + x] * sc;
+          G[x] = gp[base + r0 * D + x];
+        }
+        for (int t = 0; t < mbp; t += MR) {
+          float* Pt = P.data() + static_cast<size_t>(t) * np;
+          float* dSt = dS.data() + static_cast<size_t>(t) * np;
+          gemm_abt(Qs.data() + t * D, Kt.data(), np, np, Pt, np);     // scores
+          gemm_abt(G.data() + t * D, Vt.data(), np, np, dSt, np);     // dP
+          for (int i = 0; i < MR; i++) {
+            float* p = Pt + static_cast<size_t>(i) * np;
+            float* ds = dSt + static_cast<size_t>(i) * np;
+            const int r = r0 + t + i;
+            if (r >= n) {
+              std::fill(p, p + np, 0.f);
+              std::fill(ds, ds + np, 0.f);
+              continue;
+            }
+            float delta = 0.f;
+            for (int x = 0; x < D; x++) delta += gp[base + r * D + x] * op[base + r * D + x];
+            const __m512 l = _mm512_set1_ps(lp[b * n + r]), dl = _mm512_set1_ps(delta);
+            for (int j = 0; j < np; j += 16) {
+              const __m512 e = _mm512_maskz_mov_ps(
+                  key_mask(j, n), exp_ps(_mm512_sub_ps(_mm512_loadu_ps(p + j), l)));
+              _mm512_storeu_ps(p + j, e);
+              _mm512_storeu_ps(ds + j, _mm512_mul_ps(e, _mm512_sub_ps(_mm512_loadu_ps(ds + j), dl)));
+            }
+          }
+          gemm_ab(dSt, np, 1, kp + base, n, dQt, false);
+          const int mr = std::min(MR, n - r0 - t);
+          for (int x = 0; x < mr * D; x++) dqp[base + (r0 + t) * D + x] = dQt[x] * sc;
+        }
+        for (int j = 0; j < np; j += MR) {
+          gemm_ab(P.data() + j, 1, np, G.data(), mbp, dV.data() + static_cast<size_t>(j) * D, true);
+          gemm_ab(dS.data() + j, 1, np, Qs.data(), mbp, dK.data() + static_cast<size_t>(j) * D, true);
+        }
+      }
+      std::copy(dK.begin(), dK.begin() + static_cast<size_t>(n) * D, dkp + base);
+      std::copy(dV.begin(), dV.begin() + static_cast<size_t>(n) * D, dvp + base);
+    }
+  });
+  return {dq, dk, dv};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &attention_forward, "fused attention forward (fp32, head dim 32)");
+  m.def("backward", &attention_backward, "fused attention backward (fp32, head dim 32)");
+}

@@ -1,0 +1,137 @@
+"""A fused fp32 CPU attention kernel for head dim 32 (AVX-512), forward and backward.
+
+PS-Attention attends within long pale groups (e.g. 896 tokens at stage 1 of a
+512x512 input) with head dim 32. PyTorch's CPU flash attention reaches about half
+of the machine's GEMM rate there; this kernel (``pale_mm/csrc/attention_cpu.cpp``)
+computes each row of scores whole, so the softmax needs no online rescaling, and
+keeps 8x32 register tiles for both products. It is the same function as
+``F.scaled_dot_product_attention`` (no mask, no dropout) to fp32 rounding; the
+tests compare both, values and gradients.
+
+It is compiled on first use with ``torch.utils.cpp_extension.load`` (about 40 s,
+cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and
+used only where it applies: CPU, float32 (not under autocast), head dim 32, no
+attention dropout, outside tracing and ``torch.compile``. Everything else, and
+CPUs without AVX-512, uses ``F.scaled_dot_product_attention``.
+
+``PALE_MM_CPU_ATTENTION``: ``auto`` (default: use it where it applies; if it cannot
+be built, warn once and use SDPA), ``0`` (never), ``1`` (required: raise if it
+cannot be built or the CPU lacks AVX-512). :func:`set_cpu_attention` switches it
+at run time (the benchmark uses it to show its effect).
+"""
+import logging
+import os
+import os.path as osp
+import warnings
+from typing import Optional
+
+import torch
+
+__all__ = ['cpu_attention_available', 'set_cpu_attention', 'fused_attention', 'can_fuse']
+
+HEAD_DIM = 32
+_ENV = 'PALE_MM_CPU_ATTENTION'
+_SOURCE = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'csrc', 'attention_cpu.cpp')
+_state = {'loaded': False, 'ext': None, 'enabled': True}
+logger = logging.getLogger(__name__)
+
+
+def _mode() -> str:
+    mode = os.environ.get(_ENV, 'auto').strip().lower()
+    if mode not in ('auto', '0', '1'):
+        raise ValueError(f'{_ENV} must be auto, 0 or 1, got {mode!r}')
+    return mode
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        return torch.backends.cpu.get_cpu_capability() == 'AVX512'
+    except AttributeError:  # older torch
+        return False
+
+
+def _load():
+    """Build (once per machine) and import the extension; ``None`` where it does not
+    apply or, in ``auto`` mode, cannot be built."""
+    if _state['loaded']:
+        return _state['ext']
+    mode = _mode()
+    ext = None
+    if mode != '0':
+        problem = None if _cpu_has_avx512() else \
+            f'this CPU has no AVX-512 (torch reports {torch.backends.cpu.get_cpu_capability()})'
+        if problem is None:
+            try:
+                from torch.utils.cpp_extension import load
+                logger.info('pale_mm: compiling the CPU attention kernel (once; cached)')
+                ext = load('pale_mm_attention_cpu', [_SOURCE],
+                           extra_cflags=['-O3', '-mavx512f', '-mfma', '-fopenmp'],
+                           extra_ldflags=['-fopenmp'], verbose=False)
+            except Exception as e:  # compiler, ninja or headers missing
+                problem = f'it could not be built ({type(e).__name__}: {e})'
+        if problem is not None:
+            if mode == '1':
+                raise RuntimeError(f'{_ENV}=1 but the pale_mm CPU attention kernel cannot be '
+                                   f'used: {problem}')
+            if _cpu_has_avx512():
+                warnings.warn(f'pale_mm: using F.scaled_dot_product_attention on the CPU '
+                              f'because the fused attention kernel is unavailable: {problem}. '
+                              f'Set {_ENV}=0 to silence this.')
+    _state.update(loaded=True, ext=ext)
+    return ext
+
+
+def cpu_attention_available() -> bool:
+    """Whether the fused kernel is built and enabled (builds it on first call)."""
+    return _state['enabled'] and _load() is not None
+
+
+def set_cpu_attention(enabled: bool) -> bool:
+    """Turn the fused kernel on or off; returns the previous setting."""
+    previous = _state['enabled']
+    _state['enabled'] = bool(enabled)
+    return previous
+
+
+def can_fuse(q: torch.Tensor, dropout_p: float) -> bool:
+    """Whether :func:`fused_attention` serves these ``(..., N, d)`` inputs."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False  # first: the checks below would break the graph or the trace
+    return bool(_state['enabled'] and dropout_p == 0. and q.device.type == 'cpu'
+                and q.dtype == torch.float32 and int(q.shape[-1]) == HEAD_DIM
+                and _load() is not None)
+
+
+class _FusedAttention(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        out, lse = _state['ext'].forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _state['ext'].backward(grad.contiguous(), q, k, v, out, lse, ctx.scale)
+        return dq, dk, dv, None
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    scale: Optional[float] = None) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` for ``(..., N, 32)`` float32 CPU tensors, like
+    ``F.scaled_dot_product_attention(q, k, v, scale=scale)``. Call only where
+    :func:`can_fuse` holds."""
+    shape = q.shape
+    if not (k.shape == v.shape == shape):
+        raise ValueError(f'fused_attention expects q, k, v of one shape, got {tuple(shape)}, '
+                         f'{tuple(k.shape)}, {tuple(v.shape)}')
+    scale = float(shape[-1] ** -0.5 if scale is None else scale)
+    q3, k3, v3 = (t.reshape(-1, shape[-2], shape[-1]).contiguous() for t in (q, k, v))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        out = _FusedAttention.apply(q3, k3, v3, scale)
+    else:
+        out = _state['ext'].forward(q3, k3, v3, scale)[0]
+    return out.view(shape)

@@ -1,0 +1,135 @@
+"""The fused fp32 CPU attention kernel (head dim 32) against float64 references:
+the kernel alone against SDPA, and PS-Attention through it against the dense oracle,
+values and gradients; plus when it is (not) used."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pale_mm.models import PSAttention, cpu_attention, pale_attention
+from pale_oracle import dense_pale_attention
+
+AVX512 = cpu_attention._cpu_has_avx512()
+needs_kernel = pytest.mark.skipif(not AVX512, reason='the fused kernel needs AVX-512')
+pale_mod = importlib.import_module('pale_mm.models.pale_attention')
+
+
+def test_kernel_is_built_where_the_cpu_supports_it():
+    """On an AVX-512 CPU the kernel must build: a broken build would otherwise only
+    show as a warning and a silent fallback to the slower SDPA."""
+    assert cpu_attention.cpu_attention_available() == AVX512
+
+
+def _fp64_reference(q, k, v, scale, grad_out):
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qd, kd, vd, scale=scale)
+    return (out, *torch.autograd.grad(out, (qd, kd, vd), grad_out.double()))
+
+
+@needs_kernel
+@pytest.mark.parametrize('shape', [(1, 1, 1, 32), (3, 1, 5, 32), (2, 2, 16, 32), (2, 2, 17, 32),
+                                   (1, 3, 31, 32), (4, 100, 32), (2, 1, 333, 32),
+                                   (2, 1, 896, 32)])
+def test_kernel_matches_float64_sdpa(shape):
+    """Every length class: one key, fewer than a vector (16) of keys, exact vectors,
+    a ragged last vector and register tile (8 query rows, 32 keys), several tiles,
+    and batch dims folded. Errors must be at the level of fp32 SDPA's own."""
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    g = torch.randn(shape)
+    scale = 0.37
+    assert cpu_attention.can_fuse(q, 0.)
+    out = cpu_attention.fused_attention(q, k, v, scale=scale)
+    got = (out, *torch.autograd.grad(out, (q, k, v), g))
+    sdpa = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    base = (sdpa, *torch.autograd.grad(sdpa, (q, k, v), g))
+    want = _fp64_reference(q, k, v, scale, g)
+    for name, a, b, w in zip(('out', 'dq', 'dk', 'dv'), got, base, want):
+        assert a.shape == w.shape and a.dtype == torch.float32
+        err, sdpa_err = (a.double() - w).abs().max().item(), (b.double() - w).abs().max().item()
+        assert err <= max(4 * sdpa_err, 1e-6), (name, err, sdpa_err)
+
+
+@needs_kernel
+def test_kernel_softmax_is_stable_for_large_scores():
+    """Scores in the hundreds: the row maximum is subtracted before exp."""
+    q, k, v = (torch.randn(2, 40, 32) * 6 for _ in range(3))
+    out = cpu_attention.fused_attention(q, k, v, scale=1.)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=1.)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize('H,W,pale', [(14, 14, 7), (16, 16, 7), (9, 23, (7, 3)), (30, 5, 7)])
+def test_pale_attention_through_kernel_matches_oracle(H, W, pale, monkeypatch):
+    """PS-Attention at head dim 32 in fp32 goes through the kernel (SDPA is never
+    called), and values and gradients match the float64 dense oracle."""
+    def no_sdpa(*a, **kw):
+        raise AssertionError('SDPA called although the fused kernel applies')
+    monkeypatch.setattr(pale_mod.F, 'scaled_dot_product_attention', no_sdpa)
+    heads, C = 4, 4 * 32
+    qkv = [torch.randn(2, H * W, C, requires_grad=True) for _ in range(3)]
+    out = pale_attention(*qkv, (H, W), pale, heads)
+    ref_in = [t.detach().double().requires_grad_() for t in qkv]
+    ref = dense_pale_attention(*ref_in, (H, W), pale, heads)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-6)
+    w = torch.randn_like(out)
+    grads = torch.autograd.grad(out, qkv, w)
+    want = torch.autograd.grad(ref, ref_in, w.double())
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=5e-6)
+
+
+@needs_kernel
+def test_psattention_module_same_with_and_without_kernel():
+    """Pale-T's block width (64 channels, 2 heads: head dim 32), train and eval."""
+    attn = PSAttention(64, 2, 7)
+    x = torch.randn(2, 20 * 18, 64, requires_grad=True)
+    for training in (True, False):
+        attn.train(training)
+        outs = []
+        for fused in (True, False):
+            previous = cpu_attention.set_cpu_attention(fused)
+            try:
+                out = attn(x, (20, 18))
+                outs.append((out, *torch.autograd.grad(out.square().sum(), [x] +
+                                                       list(attn.parameters()))))
+            finally:
+                cpu_attention.set_cpu_attention(previous)
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_where_the_kernel_is_not_used():
+    q = torch.randn(1, 1, 8, 32)
+    assert not cpu_attention.can_fuse(q.double(), 0.)           # float64
+    assert not cpu_attention.can_fuse(q[..., :16], 0.)          # head dim 16
+    assert not cpu_attention.can_fuse(q, 0.1)                   # attention dropout
+    assert not cpu_attention.can_fuse(q.bfloat16(), 0.)         # autocast's dtype
+    previous = cpu_attention.set_cpu_attention(False)
+    try:
+        assert not cpu_attention.can_fuse(q, 0.)
+    finally:
+        cpu_attention.set_cpu_attention(previous)
+    seen = []
+    torch.jit.trace(lambda t: seen.append(cpu_attention.can_fuse(t, 0.)) or t, (q,),
+                    check_trace=False)
+    assert seen == [False]  # the FLOP counter traces and must see SDPA
+
+
+def test_bad_inputs_named():
+    with pytest.raises(ValueError, match='one shape'):
+        cpu_attention.fused_attention(torch.randn(1, 4, 32), torch.randn(1, 5, 32),
+                                      torch.randn(1, 5, 32))
+    if AVX512:
+        with pytest.raises(RuntimeError, match='head dim must be 32'):
+            cpu_attention.fused_attention(*(torch.randn(1, 4, 16) for _ in range(3)))
+
+
+def test_env_switch_validated(monkeypatch):
+    monkeypatch.setenv('PALE_MM_CPU_ATTENTION', 'yes')
+    with pytest.raises(ValueError, match='PALE_MM_CPU_ATTENTION must be auto, 0 or 1'):
+        cpu_attention._mode()
+    monkeypatch.setenv('PALE_MM_CPU_ATTENTION', '0')
+    assert cpu_attention._mode() == '0'
