@@ -46,6 +46,17 @@ def _train_step(model, x, g):
     return [o.detach() for o in outs], grads
 
 
+@pytest.fixture
+def _sdpa_in_eager():
+    """Compiled code computes attention with SDPA (the fused CPU kernel is eager-only),
+    so eager runs SDPA too and the comparison stays exact to the tolerances below;
+    the kernel against SDPA is tests/test_cpu_attention.py's subject."""
+    from pale_mm.models.cpu_attention import set_cpu_attention
+    previous = set_cpu_attention(False)
+    yield
+    set_cpu_attention(previous)
+
+
 def _compare_compiled(backend, shape, rtol, atol):
     eager = _build('pale')
     compiled_src = copy.deepcopy(eager)
@@ -71,11 +82,11 @@ def _compare_compiled(backend, shape, rtol, atol):
             torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
-def test_aot_eager_matches_eager():
+def test_aot_eager_matches_eager(_sdpa_in_eager):
     """Odd sizes (padded pale groups, several parts per branch) through AOTAutograd."""
     _compare_compiled('aot_eager', (2, 3, 70, 90), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
-def test_inductor_matches_eager():
+def test_inductor_matches_eager(_sdpa_in_eager):
     _compare_compiled('inductor', (1, 3, 64, 96), rtol=1e-4, atol=1e-4)

@@ -38,7 +38,7 @@ def test_kernel_matches_float64_sdpa(shape):
     q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
     g = torch.randn(shape)
     scale = 0.37
-    assert cpu_attention.can_fuse(q, 0.)
+    assert cpu_attention.can_fuse(q, 32)
     out = cpu_attention.fused_attention(q, k, v, scale=scale)
     got = (out, *torch.autograd.grad(out, (q, k, v), g))
     sdpa = F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -102,29 +102,55 @@ def test_psattention_module_same_with_and_without_kernel():
 
 
 def test_where_the_kernel_is_not_used():
-    q = torch.randn(1, 1, 8, 32)
-    assert not cpu_attention.can_fuse(q.double(), 0.)           # float64
-    assert not cpu_attention.can_fuse(q[..., :16], 0.)          # head dim 16
-    assert not cpu_attention.can_fuse(q, 0.1)                   # attention dropout
-    assert not cpu_attention.can_fuse(q.bfloat16(), 0.)         # autocast's dtype
+    q = torch.randn(1, 1, 8, 64)
+    assert cpu_attention.can_fuse(q, 32) == AVX512
+    assert not cpu_attention.can_fuse(q.double(), 32)           # float64
+    assert not cpu_attention.can_fuse(q, 16)                    # head dim 16
+    assert not cpu_attention.can_fuse(q, 32, 0.1)               # attention dropout
+    assert not cpu_attention.can_fuse(q.bfloat16(), 32)         # autocast's dtype
     previous = cpu_attention.set_cpu_attention(False)
     try:
-        assert not cpu_attention.can_fuse(q, 0.)
+        assert not cpu_attention.can_fuse(q, 32)
     finally:
         cpu_attention.set_cpu_attention(previous)
     seen = []
-    torch.jit.trace(lambda t: seen.append(cpu_attention.can_fuse(t, 0.)) or t, (q,),
+    torch.jit.trace(lambda t: seen.append(cpu_attention.can_fuse(t, 32)) or t, (q,),
                     check_trace=False)
     assert seen == [False]  # the FLOP counter traces and must see SDPA
+
+
+@pytest.mark.parametrize('shape,pale,heads', [((2, 14, 14, 128), (7, 7), 2),
+                                              ((1, 16, 9, 64), (7, 3), 1),
+                                              ((3, 5, 23, 192), (7, 7), 3)])
+def test_token_offsets_name_every_row_once_in_its_group(shape, pale, heads):
+    """The offsets that replace the grouped copies: every (token, head) row of the
+    map exactly once per call set, and each sequence is one pale group of one
+    branch and head: same row group (row branch) or column group (column branch)."""
+    B, H, W, C = shape
+    offsets = pale_mod._token_offsets(shape, pale, heads)
+    assert cpu_attention._offsets_ok(B * H * W * C, offsets)
+    d = C // 2 // heads
+    G = [pale_mod.pale_groups(L, s)[0] for L, s in ((H, pale[0]), (W, pale[1]))]
+    for off in offsets:
+        token, chan = off // C, off % C
+        h, w = (token // W) % H, token % W
+        branch = chan // (C // 2)
+        assert (branch == branch[:, :1]).all() and (chan == chan[:, :1]).all()
+        assert (chan % d == 0).all()
+        group = torch.where(branch == 0, h % G[0], w % G[1])
+        assert (group == group[:, :1]).all()
 
 
 def test_bad_inputs_named():
     with pytest.raises(ValueError, match='one shape'):
         cpu_attention.fused_attention(torch.randn(1, 4, 32), torch.randn(1, 5, 32),
                                       torch.randn(1, 5, 32))
+    with pytest.raises(ValueError, match='needs head dim 32, got 16'):
+        cpu_attention.fused_attention(*(torch.randn(1, 4, 16) for _ in range(3)))
     if AVX512:
-        with pytest.raises(RuntimeError, match='head dim must be 32'):
-            cpu_attention.fused_attention(*(torch.randn(1, 4, 16) for _ in range(3)))
+        q = torch.randn(2, 8, 32)
+        with pytest.raises(RuntimeError, match='offset is out of range'):
+            cpu_attention.gathered_attention(q, q, q, [torch.tensor([[0, 512]])], 1.)
 
 
 def test_env_switch_validated(monkeypatch):

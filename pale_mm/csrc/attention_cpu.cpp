@@ -1,7 +1,10 @@
 // Fused fp32 softmax attention for the CPU at head dim 32 (AVX-512), forward and
 // backward, used by PS-Attention (pale_mm/models/cpu_attention.py).
 //
-// q, k, v, o: (BH, N, 32) contiguous float32. Each row of scores (N <= a few
+// Attention runs within sequences of N rows; row r of sequence s lies at element
+// offset offsets[s][r] of the q, k, v and o tensors (32 contiguous floats), so the
+// pale groups are gathered from and scattered back to the (B, H, W, C) maps inside
+// the kernel, without grouped copies. Each row of scores (N <= a few
 // thousand for pale groups) is computed whole, so the softmax is exact per row
 // (no online rescaling). Register tiles: 8 query rows x 32 key columns for the
 // score GEMM (contraction over the head dim), 8 rows x 32 head channels for the
@@ -97,11 +100,32 @@ void gemm_ab(const float* A, int64_t sr, int64_t sl, const float* B, int L, floa
   }
 }
 
-// Kt[D][np] = K[n][D]^T, zero in columns [n, np).
-void pack_transposed(const float* K, int n, int np, float* Kt) {
+// Row r of a sequence lies at base + off[r] (D contiguous floats).
+// Kt[D][np] = rows^T, zero in columns [n, np).
+void pack_transposed(const float* base, const int64_t* off, int n, int np, float* Kt) {
   for (int kk = 0; kk < D; kk++) std::fill(Kt + kk * np + n, Kt + (kk + 1) * np, 0.f);
-  for (int j = 0; j < n; j++)
-    for (int kk = 0; kk < D; kk++) Kt[kk * np + j] = K[j * D + kk];
+  for (int j = 0; j < n; j++) {
+    const float* row = base + off[j];
+    for (int kk = 0; kk < D; kk++) Kt[kk * np + j] = row[kk];
+  }
+}
+
+// dst[i][D] = mul * row i (at base + off[i]) for i < rows; zero for i in [rows, pad_rows).
+void gather_rows(const float* base, const int64_t* off, int rows, int pad_rows, float mul,
+                 float* dst) {
+  for (int i = 0; i < rows; i++) {
+    const float* row = base + off[i];
+    for (int x = 0; x < D; x++) dst[i * D + x] = row[x] * mul;
+  }
+  std::fill(dst + rows * D, dst + pad_rows * D, 0.f);
+}
+
+// rows i < rows of src[i][D] * mul -> base + off[i].
+void scatter_rows(const float* src, int rows, float mul, float* base, const int64_t* off) {
+  for (int i = 0; i < rows; i++) {
+    float* row = base + off[i];
+    for (int x = 0; x < D; x++) row[x] = src[i * D + x] * mul;
+  }
 }
 
 // Lanes of the 16-column block at j that are real keys (columns < n).
@@ -132,75 +156,85 @@ void softmax_rows(float* S, int n, int np, float* row_max, float* row_sum) {
   }
 }
 
-void check_inputs(const std::vector<torch::Tensor>& ts, const torch::Tensor& ref) {
-  for (const auto& t : ts) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat,
-                "pale_mm attention_cpu: expected float32 CPU tensors");
-    TORCH_CHECK(t.dim() == 3 && t.sizes() == ref.sizes() && t.is_contiguous(),
-                "pale_mm attention_cpu: expected contiguous (BH, N, 32) tensors of one shape");
+void check_inputs(const std::vector<torch::Tensor>& maps, const torch::Tensor& offsets) {
+  for (const auto& t : maps)
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                    t.numel() == maps[0].numel(),
+                "pale_mm attention_cpu: expected contiguous float32 CPU tensors of one size");
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 2 && offsets.is_contiguous(),
+              "pale_mm attention_cpu: offsets must be a contiguous (S, N) int64 tensor");
+  if (offsets.numel()) {
+    const int64_t lo = offsets.min().item<int64_t>(), hi = offsets.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi + D <= maps[0].numel(),
+                "pale_mm attention_cpu: a row offset is out of range of the tensors");
   }
-  TORCH_CHECK(ref.size(2) == D, "pale_mm attention_cpu: head dim must be 32, got ", ref.size(2));
 }
 
 }  // namespace
 
-std::vector<torch::Tensor> attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                             double scale) {
-  check_inputs({q, k, v}, q);
-  const int64_t BH = q.size(0);
-  const int n = static_cast<int>(q.size(1));
-  auto o = torch::empty_like(q);
-  auto lse = torch::empty({BH, n}, q.options());
-  if (n == 0 || BH == 0) return {o, lse};
+// Attention within each sequence s of N rows; row r of sequence s of q, k, v and o
+// lies at offsets[s][r] (head dim 32, contiguous). Writes those rows of o and
+// returns the row log-sum-exp (S, N).
+torch::Tensor attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                torch::Tensor o, torch::Tensor offsets, double scale) {
+  check_inputs({q, k, v, o}, offsets);
+  const int64_t S = offsets.size(0);
+  const int n = static_cast<int>(offsets.size(1));
+  auto lse = torch::empty({S, n}, q.options());
+  if (n == 0 || S == 0) return lse;
   const int np = round_up(n, 16);
   const int chunks = (n + QCHUNK - 1) / QCHUNK;
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
+  const int64_t* offp = offsets.data_ptr<int64_t>();
   float* op = o.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, BH * chunks, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> Kt(static_cast<size_t>(D) * np), S(static_cast<size_t>(MR) * np);
-    float Qs[MR * D], Ot[MR * D], mx[MR], sum[MR];
+  at::parallel_for(0, S * chunks, 1, [&](int64_t w0, int64_t w1) {
+    const size_t npd = static_cast<size_t>(D) * np;
+    std::vector<float> Kt(npd), V(npd), Sc(static_cast<size_t>(MR) * np);
+    float Qs[MR * D], Ot[MR * D], mx[MR], sum[MR], inv[MR];
     int64_t packed = -1;
     for (int64_t w = w0; w < w1; w++) {
-      const int64_t b = w / chunks;
+      const int64_t s = w / chunks;
       const int c = static_cast<int>(w % chunks);
-      const int64_t base = b * n * D;
-      if (b != packed) {
-        pack_transposed(kp + base, n, np, Kt.data());
-        packed = b;
+      const int64_t* off = offp + s * n;
+      if (s != packed) {
+        pack_transposed(kp, off, n, np, Kt.data());
+        gather_rows(vp, off, n, n, 1.f, V.data());
+        packed = s;
       }
       const int r1 = std::min(n, (c + 1) * QCHUNK);
       for (int r0 = c * QCHUNK; r0 < r1; r0 += MR) {
         const int mr = std::min(MR, r1 - r0);
-        std::fill(Qs, Qs + MR * D, 0.f);
-        for (int x = 0; x < mr * D; x++) Qs[x] = qp[base + r0 * D + x] * sc;
-        gemm_abt(Qs, Kt.data(), np, np, S.data(), np);
-        softmax_rows(S.data(), n, np, mx, sum);
-        gemm_ab(S.data(), np, 1, vp + base, n, Ot, false);
+        gather_rows(qp, off + r0, mr, MR, sc, Qs);
+        gemm_abt(Qs, Kt.data(), np, np, Sc.data(), np);
+        softmax_rows(Sc.data(), n, np, mx, sum);
+        gemm_ab(Sc.data(), np, 1, V.data(), n, Ot, false);
         for (int i = 0; i < mr; i++) {
-          const float inv = 1.f / sum[i];
-          for (int x = 0; x < D; x++) op[base + (r0 + i) * D + x] = Ot[i * D + x] * inv;
-          lp[b * n + r0 + i] = mx[i] + std::log(sum[i]);
+          inv[i] = 1.f / sum[i];
+          lp[s * n + r0 + i] = mx[i] + std::log(sum[i]);
+          float* row = op + off[r0 + i];
+          for (int x = 0; x < D; x++) row[x] = Ot[i * D + x] * inv[i];
         }
       }
     }
   });
-  return {o, lse};
+  return lse;
 }
 
-std::vector<torch::Tensor> attention_backward(torch::Tensor grad_out, torch::Tensor q,
-                                              torch::Tensor k, torch::Tensor v, torch::Tensor o,
-                                              torch::Tensor lse, double scale) {
-  check_inputs({grad_out, q, k, v, o}, q);
-  const int64_t BH = q.size(0);
-  const int n = static_cast<int>(q.size(1));
-  TORCH_CHECK(lse.is_contiguous() && lse.dim() == 2 && lse.size(0) == BH && lse.size(1) == n,
-              "pale_mm attention_cpu: lse must be a contiguous (BH, N) tensor");
-  auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
-  if (n == 0 || BH == 0) return {dq, dk, dv};
+// Gradients of attention_forward: writes the rows named by offsets of dq, dk, dv.
+void attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
+                        torch::Tensor v, torch::Tensor o, torch::Tensor lse,
+                        torch::Tensor offsets, double scale, torch::Tensor dq, torch::Tensor dk,
+                        torch::Tensor dv) {
+  check_inputs({grad_out, q, k, v, o, dq, dk, dv}, offsets);
+  const int64_t S = offsets.size(0);
+  const int n = static_cast<int>(offsets.size(1));
+  TORCH_CHECK(lse.is_contiguous() && lse.dim() == 2 && lse.size(0) == S && lse.size(1) == n,
+              "pale_mm attention_cpu: lse must be a contiguous (S, N) tensor");
+  if (n == 0 || S == 0) return;
   const int np = round_up(n, 16);
   const float* gp = grad_out.data_ptr<float>();
   const float* qp = q.data_ptr<float>();
@@ -208,30 +242,29 @@ std::vector<torch::Tensor> attention_backward(torch::Tensor grad_out, torch::Ten
   const float* vp = v.data_ptr<float>();
   const float* op = o.data_ptr<float>();
   const float* lp = lse.data_ptr<float>();
+  const int64_t* offp = offsets.data_ptr<int64_t>();
   float* dqp = dq.data_ptr<float>();
   float* dkp = dk.data_ptr<float>();
   float* dvp = dv.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, BH, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
     const size_t npd = static_cast<size_t>(np) * D, blk = static_cast<size_t>(MB) * np;
-    std::vector<float> Kt(npd), Vt(npd), dK(npd), dV(npd), P(blk), dS(blk);
-    std::vector<float> Qs(MB * D), G(MB * D);
+    std::vector<float> Kt(npd), Vt(npd), K(npd), dK(npd), dV(npd), P(blk), dS(blk);
+    std::vector<float> Qs(MB * D), G(MB * D), O(MB * D);
     float dQt[MR * D];
-    for (int64_t b = b0; b < b1; b++) {
-      const int64_t base = b * n * D;
-      pack_transposed(kp + base, n, np, Kt.data());
-      pack_transposed(vp + base, n, np, Vt.data());
+    for (int64_t s = s0; s < s1; s++) {
+      const int64_t* off = offp + s * n;
+      pack_transposed(kp, off, n, np, Kt.data());
+      pack_transposed(vp, off, n, np, Vt.data());
+      gather_rows(kp, off, n, n, 1.f, K.data());
       std::fill(dK.begin(), dK.end(), 0.f);
       std::fill(dV.begin(), dV.end(), 0.f);
       for (int r0 = 0; r0 < n; r0 += MB) {
         const int mb = std::min(MB, n - r0);
         const int mbp = round_up(mb, MR);
-        std::fill(Qs.begin(), Qs.end(), 0.f);
-        std::fill(G.begin(), G.end(), 0.f);
-        for (int x = 0; x < mb * D; x++) {
-          Qs[x] = qp[base + r0 * D + x] * sc;
-          G[x] = gp[base + r0 * D + x];
-        }
+        gather_rows(qp, off + r0, mb, MB, sc, Qs.data());
+        gather_rows(gp, off + r0, mb, MB, 1.f, G.data());
+        gather_rows(op, off + r0, mb, MB, 1.f, O.data());
         for (int t = 0; t < mbp; t += MR) {
           float* Pt = P.data() + static_cast<size_t>(t) * np;
           float* dSt = dS.data() + static_cast<size_t>(t) * np;
@@ -247,8 +280,8 @@ std::vector<torch::Tensor> attention_backward(torch::Tensor grad_out, torch::Ten
               continue;
             }
             float delta = 0.f;
-            for (int x = 0; x < D; x++) delta += gp[base + r * D + x] * op[base + r * D + x];
-            const __m512 l = _mm512_set1_ps(lp[b * n + r]), dl = _mm512_set1_ps(delta);
+            for (int x = 0; x < D; x++) delta += G[(t + i) * D + x] * O[(t + i) * D + x];
+            const __m512 l = _mm512_set1_ps(lp[s * n + r]), dl = _mm512_set1_ps(delta);
             for (int j = 0; j < np; j += 16) {
               const __m512 e = _mm512_maskz_mov_ps(
                   key_mask(j, n), exp_ps(_mm512_sub_ps(_mm512_loadu_ps(p + j), l)));
@@ -256,23 +289,21 @@ std::vector<torch::Tensor> attention_backward(torch::Tensor grad_out, torch::Ten
               _mm512_storeu_ps(ds + j, _mm512_mul_ps(e, _mm512_sub_ps(_mm512_loadu_ps(ds + j), dl)));
             }
           }
-          gemm_ab(dSt, np, 1, kp + base, n, dQt, false);
-          const int mr = std::min(MR, n - r0 - t);
-          for (int x = 0; x < mr * D; x++) dqp[base + (r0 + t) * D + x] = dQt[x] * sc;
+          gemm_ab(dSt, np, 1, K.data(), n, dQt, false);
+          scatter_rows(dQt, std::min(MR, n - r0 - t), sc, dqp, off + r0 + t);
         }
         for (int j = 0; j < np; j += MR) {
           gemm_ab(P.data() + j, 1, np, G.data(), mbp, dV.data() + static_cast<size_t>(j) * D, true);
           gemm_ab(dS.data() + j, 1, np, Qs.data(), mbp, dK.data() + static_cast<size_t>(j) * D, true);
         }
       }
-      std::copy(dK.begin(), dK.begin() + static_cast<size_t>(n) * D, dkp + base);
-      std::copy(dV.begin(), dV.begin() + static_cast<size_t>(n) * D, dvp + base);
+      scatter_rows(dK.data(), n, 1.f, dkp, off);
+      scatter_rows(dV.data(), n, 1.f, dvp, off);
     }
   });
-  return {dq, dk, dv};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &attention_forward, "fused attention forward (fp32, head dim 32)");
-  m.def("backward", &attention_backward, "fused attention backward (fp32, head dim 32)");
+  m.def("forward", &attention_forward, "fused attention forward over gathered rows (fp32, head dim 32)");
+  m.def("backward", &attention_backward, "fused attention backward over gathered rows (fp32, head dim 32)");
 }

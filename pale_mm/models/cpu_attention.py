@@ -23,11 +23,12 @@ import logging
 import os
 import os.path as osp
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-__all__ = ['cpu_attention_available', 'set_cpu_attention', 'fused_attention', 'can_fuse']
+__all__ = ['cpu_attention_available', 'set_cpu_attention', 'fused_attention',
+           'gathered_attention', 'can_fuse']
 
 HEAD_DIM = 32
 _ENV = 'PALE_MM_CPU_ATTENTION'
@@ -93,30 +94,68 @@ def set_cpu_attention(enabled: bool) -> bool:
     return previous
 
 
-def can_fuse(q: torch.Tensor, dropout_p: float) -> bool:
-    """Whether :func:`fused_attention` serves these ``(..., N, d)`` inputs."""
+def can_fuse(x: torch.Tensor, head_dim: int, dropout_p: float = 0.) -> bool:
+    """Whether the fused kernel serves attention of head dim ``head_dim`` on tensors
+    like ``x``."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False  # first: the checks below would break the graph or the trace
-    return bool(_state['enabled'] and dropout_p == 0. and q.device.type == 'cpu'
-                and q.dtype == torch.float32 and int(q.shape[-1]) == HEAD_DIM
+    return bool(_state['enabled'] and dropout_p == 0. and x.device.type == 'cpu'
+                and x.dtype == torch.float32 and int(head_dim) == HEAD_DIM
                 and _load() is not None)
 
 
-class _FusedAttention(torch.autograd.Function):
+def _offsets_ok(numel: int, offsets: Sequence[torch.Tensor]) -> bool:
+    """Every 32-float row of a ``numel``-element tensor named exactly once over all
+    ``offsets``."""
+    rows = torch.cat([o.flatten() for o in offsets]).sort().values
+    return rows.numel() * HEAD_DIM == numel and torch.equal(
+        rows, torch.arange(0, numel, HEAD_DIM, device=rows.device))
+
+
+class _GatheredAttention(torch.autograd.Function):
+    """Attention within each row of every ``offsets`` tensor (see
+    :func:`gathered_attention`); ``lse`` per offsets tensor is kept for the backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale):
-        out, lse = _state['ext'].forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
+    def forward(ctx, q, k, v, offsets, scale):
+        out = torch.empty_like(q)
+        lses = [_state['ext'].forward(q, k, v, out, off, scale) for off in offsets]
+        ctx.save_for_backward(q, k, v, out, *lses)
+        ctx.offsets, ctx.scale = offsets, scale
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _state['ext'].backward(grad.contiguous(), q, k, v, out, lse, ctx.scale)
-        return dq, dk, dv, None
+        q, k, v, out, *lses = ctx.saved_tensors
+        grad = grad.contiguous()
+        dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+        for off, lse in zip(ctx.offsets, lses):
+            _state['ext'].backward(grad, q, k, v, out, lse, off, ctx.scale, dq, dk, dv)
+        return dq, dk, dv, None, None
+
+
+def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       offsets: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
+    """Softmax attention over gathered rows of contiguous float32 CPU tensors.
+
+    ``offsets``: ``(S, N)`` int64 tensors (``N`` may differ between them); row ``r``
+    of sequence ``s`` is the 32 floats at element offset ``offsets[s, r]`` of ``q``,
+    ``k``, ``v`` (all the same shape) and of the output. Together the offsets must
+    name every 32-float row of the tensors exactly once (the output has no other
+    elements); callers build them once per shape. Returns a tensor like ``q``.
+    Call only where :func:`can_fuse` holds."""
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f'gathered_attention expects q, k, v of one shape, got '
+                         f'{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
+    scale = float(scale)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _GatheredAttention.apply(q, k, v, tuple(offsets), scale)
+    out = torch.empty_like(q)
+    for off in offsets:
+        _state['ext'].forward(q, k, v, out, off, scale)
+    return out
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -128,10 +167,9 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not (k.shape == v.shape == shape):
         raise ValueError(f'fused_attention expects q, k, v of one shape, got {tuple(shape)}, '
                          f'{tuple(k.shape)}, {tuple(v.shape)}')
-    scale = float(shape[-1] ** -0.5 if scale is None else scale)
-    q3, k3, v3 = (t.reshape(-1, shape[-2], shape[-1]).contiguous() for t in (q, k, v))
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        out = _FusedAttention.apply(q3, k3, v3, scale)
-    else:
-        out = _state['ext'].forward(q3, k3, v3, scale)[0]
-    return out.view(shape)
+    if shape[-1] != HEAD_DIM:
+        raise ValueError(f'fused_attention needs head dim {HEAD_DIM}, got {shape[-1]}')
+    n = shape[-2]
+    offsets = torch.arange(0, q.numel(), HEAD_DIM).view(-1, n) if n else \
+        torch.zeros(0, 0, dtype=torch.long)
+    return gathered_attention(q, k, v, [offsets], shape[-1] ** -0.5 if scale is None else scale)

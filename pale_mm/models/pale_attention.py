@@ -12,6 +12,7 @@ computed without materialising the padding: groups whose last line would be padd
 attend within their real lines, which is the same result without the masked work
 (:func:`_group_parts`).
 """
+import functools
 from typing import List, Sequence, Tuple, Union
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .cpu_attention import can_fuse, fused_attention
+from .cpu_attention import _offsets_ok, can_fuse, gathered_attention
 from .layers import check_pale_size, linear
 
 __all__ = ['pale_attention', 'PSAttention', 'pale_groups']
@@ -103,6 +104,36 @@ def _layout(shape, sizes: Tuple[int, int], heads: int):
                 [(i, 0, s[0]) for i, s in enumerate(row)]
                 + [(i, s[0], 2 * s[0]) for i, s in enumerate(row)])
     return parts, [(i, 0, s[0]) for i, s in enumerate(parts)]
+
+
+@functools.lru_cache(maxsize=64)
+def _token_offsets(shape, sizes: Tuple[int, int], heads: int) -> Tuple[torch.Tensor, ...]:
+    """Where the rows of every attention sequence of a contiguous ``(B, H, W, C)``
+    map lie: one ``(S, N)`` int64 tensor of element offsets per distinct group
+    length ``N``, for :func:`~pale_mm.models.cpu_attention.gathered_attention`.
+
+    A sequence is (batch, group part of :func:`_group_parts`, head) of one branch; its
+    rows are the head's ``d`` channels of the group's tokens, line by line. Row
+    branch: token ``(i*G + g, w)``, channels ``[e*d, (e+1)*d)``; column branch: token
+    ``(h, i*G + g)``, channels ``C/2 + [e*d, (e+1)*d)``. Computed once per shape."""
+    B, H, W, C = shape
+    d = C // 2 // heads
+    b = torch.arange(B).view(B, 1, 1, 1, 1)
+    by_length = {}
+    for branch, (length, other, size) in enumerate(((H, W, sizes[0]), (W, H, sizes[1]))):
+        groups = pale_groups(length, size)[0]
+        along = torch.arange(other).view(1, 1, 1, 1, other)
+        chans = (torch.arange(heads) * d + branch * (C // 2)).view(1, 1, heads, 1, 1)
+        for g0, g1, n in _group_parts(length, size):
+            line = (torch.arange(n).view(1, n) * groups
+                    + torch.arange(g0, g1).view(-1, 1)).view(1, g1 - g0, 1, n, 1)
+            token = (b * H + line) * W + along if branch == 0 else (b * H + along) * W + line
+            by_length.setdefault(n * other, []).append((token * C + chans).view(-1, n * other))
+    offsets = tuple(torch.cat(parts) for parts in by_length.values())
+    if not _offsets_ok(B * H * W * C, offsets):
+        raise RuntimeError(f'pale_mm: internal error: the pale groups of a map of shape '
+                           f'{shape} do not cover every token once')
+    return offsets
 
 
 def _part_views(buffers: Sequence[torch.Tensor], where) -> List[torch.Tensor]:
@@ -239,22 +270,21 @@ def pale_attention_nhwc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Every element of q, k and v is copied once into the grouped layout of its part
     (:func:`_group_parts`), each SDPA buffer (one part, or a row part and its equal
     column part: :func:`_layout`) is one SDPA call, and each output element is copied
-    once back; the backward mirrors this. On fp32 CPU tensors at head dim 32 the
-    calls go to :mod:`.cpu_attention`'s fused kernel instead of SDPA (same function)."""
+    once back; the backward mirrors this. On fp32 CPU tensors at head dim 32,
+    :mod:`.cpu_attention`'s fused kernel computes the same function instead: it
+    gathers each group's rows from the maps and scatters the output back itself
+    (:func:`_token_offsets`), so there are no grouped copies at all."""
     heads = num_heads // 2
     sizes = tuple(pale_size)
     shape = tuple(int(s) for s in q.shape)  # plain ints, also under jit tracing
+    scale = (shape[-1] // num_heads) ** -0.5
+    if can_fuse(q, shape[-1] // num_heads, attn_drop):  # fp32 CPU, head dim 32
+        return gathered_attention(q, k, v, _token_offsets(shape, sizes, heads), scale)
     autograd = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     grouped = _PaleGroup.apply(shape, sizes, heads, q, k, v) if autograd \
         else _group(shape, sizes, heads, q, k, v)
-    scale = (shape[-1] // num_heads) ** -0.5
-    if can_fuse(grouped[0], attn_drop):  # fp32 CPU at head dim 32: the fused kernel
-        outs = [fused_attention(*grouped[i:i + 3], scale=scale)
-                for i in range(0, len(grouped), 3)]
-    else:
-        outs = [F.scaled_dot_product_attention(*grouped[i:i + 3], dropout_p=attn_drop,
-                                               scale=scale)
-                for i in range(0, len(grouped), 3)]
+    outs = [F.scaled_dot_product_attention(*grouped[i:i + 3], dropout_p=attn_drop, scale=scale)
+            for i in range(0, len(grouped), 3)]
     if autograd:
         return _PaleUngroup.apply(shape, sizes, heads, *outs)
     return _ungroup(shape, sizes, heads, outs)
