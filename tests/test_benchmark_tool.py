@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+from pale_mm.models.cpu_attention import cpu_attention_available
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -64,6 +66,9 @@ def test_benchmark_runs_and_writes_results(tmp_path):
             row['swin']['median_s'] / row['ours']['median_s'])
         # inference rows also time our model with the oneDNN linear turned off
         assert ('ratio_plain_linear_over_swin' in row) == (row['mode'] == 'infer')
+        # Pale rows also time the model with its fused CPU attention kernel off
+        assert ('ratio_sdpa_over_swin' in row) == (
+            row['model'] == 'pale:tiny' and cpu_attention_available())
     assert set(data['attention']['exponent']) == {'pale', 'window', 'global'}
     assert data['memory']['max_square']['pale']['max_side'] > 0
     assert res['gemm_gflops'] > 0
@@ -79,6 +84,7 @@ def test_benchmark_compile_option(tmp_path):
     assert data['compile'] is True
     (row,) = data['backbones']
     assert row['compiled'] and 'ratio_plain_linear_over_swin' not in row
+    assert 'ratio_sdpa_over_swin' not in row
     for k in ('ours', 'swin'):
         assert row[k]['img_per_s'] > 0 and row[k]['peak_mem_mb'] > 0
         # the first call compiled, so it took longer than a compiled call

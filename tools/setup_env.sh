@@ -122,5 +122,11 @@ quiet "${PIP[@]}" install -q -c "$CONSTRAINTS" --no-build-isolation -e "$ROOT"
 
 say "checking imports"
 check_imports
+# Compile the fused CPU attention kernel now (about 40 s, cached under
+# ~/.cache/torch_extensions) rather than at the first forward pass; on CPUs without
+# AVX-512 this reports that SDPA is used.
+say "building pale_mm's CPU attention kernel"
+"$VENV/bin/python" -c "from pale_mm.models import cpu_attention as c; \
+print('fused CPU attention kernel:', 'ready' if c.cpu_attention_available() else 'not used on this CPU (SDPA)')"
 echo "$STAMP_KEY" > "$STAMP"
 say "done: activate with 'source $VENV/bin/activate'"

@@ -14,7 +14,9 @@ allocated), multiply-adds (``pale_mm.flops``, attention included) and the achiev
 GFLOP/s as a fraction of this machine's fp32 GEMM rate (the best 2048^3 GEMM, BLAS
 or oneDNN, measured at the start and at the end of the run). On the CPU, inference
 rows also time our model with its oneDNN linear turned off (``F.linear``, as Swin
-uses), interleaved with the others, to show what it adds. An
+uses), and Pale rows (inference and training) with its fused CPU attention kernel
+turned off (``F.scaled_dot_product_attention``), interleaved with the others, to
+show what each adds. An
 attention-level sweep times PS-Attention, Swin window attention and global
 attention at equal width over growing token grids and fits time ~ tokens^p.
 Memory at scale: peak training memory of Pale-T and Swin-T with and without
@@ -225,6 +227,8 @@ def fit_exponent(tokens, times):
 # ----------------------------------------------------------------------------- sections
 def bench_backbones(args, device, gemm, bar):
     from pale_mm.flops import count_flops
+    from pale_mm.models.cpu_attention import cpu_attention_available, set_cpu_attention
+    from pale_mm.models.layers import set_fast_cpu_linear
     rows = []
     for spec in args.models:
         for res in args.res:
@@ -236,9 +240,14 @@ def bench_backbones(args, device, gemm, bar):
             models = {k: _maybe_compile(m.to(device), args.compile) for k, m in models.items()}
             for mode in args.modes:
                 steps = {k: make_step(m, x, mode, args.amp) for k, m in models.items()}
-                if mode == 'infer' and device.type == 'cpu' and not (args.amp or args.compile):
-                    # the same model with the oneDNN inference linear off (F.linear)
-                    steps['ours_plain_linear'] = _plain_linear(steps['ours'])
+                if device.type == 'cpu' and not (args.amp or args.compile):
+                    if mode == 'infer':
+                        # the same model with the oneDNN inference linear off (F.linear)
+                        steps['ours_plain_linear'] = _switched_off(steps['ours'],
+                                                                   set_fast_cpu_linear)
+                    if spec.startswith('pale:') and cpu_attention_available():
+                        # ... and with the fused CPU attention kernel off (SDPA)
+                        steps['ours_sdpa'] = _switched_off(steps['ours'], set_cpu_attention)
                 mem = {k: measure_peak(n, (h, w), mode, device, args.amp, batch=args.batch,
                                        compile=args.compile)
                        for k, n in (('ours', spec), ('swin', 'swin:' + SWIN_PEER[spec]))}
@@ -262,9 +271,10 @@ def bench_backbones(args, device, gemm, bar):
                         gemm_fraction=2 * madds[k] * factor / med[k] / gemm,
                         first_call_s=first[k])
                 row['ratio_ours_over_swin'] = med['swin'] / med['ours']
-                if 'ours_plain_linear' in med:
-                    row['ratio_plain_linear_over_swin'] = med['swin'] / med['ours_plain_linear']
-                    row['ours_plain_linear_median_s'] = med['ours_plain_linear']
+                for variant in ('plain_linear', 'sdpa'):
+                    if f'ours_{variant}' in med:
+                        row[f'ratio_{variant}_over_swin'] = med['swin'] / med[f'ours_{variant}']
+                        row[f'ours_{variant}_median_s'] = med[f'ours_{variant}']
                 rows.append(row)
                 bar.update(1)
                 bar.write(fmt_row(row))
@@ -273,15 +283,14 @@ def bench_backbones(args, device, gemm, bar):
     return rows
 
 
-def _plain_linear(step):
-    from pale_mm.models.layers import set_fast_cpu_linear
-
+def _switched_off(step, switch):
+    """``step`` with one of our fast paths off (``switch`` as ``set_fast_cpu_linear``)."""
     def run():
-        previous = set_fast_cpu_linear(False)
+        previous = switch(False)
         try:
             step()
         finally:
-            set_fast_cpu_linear(previous)
+            switch(previous)
     return run
 
 
@@ -289,6 +298,8 @@ def fmt_row(r):
     p, s = r['ours'], r['swin']
     plain = r.get('ratio_plain_linear_over_swin')
     plain = f' ({plain:.2f}x with F.linear)' if plain else ''
+    if r.get('ratio_sdpa_over_swin'):
+        plain += f" ({r['ratio_sdpa_over_swin']:.2f}x with SDPA)"
     mode = r['mode'] + ('*' if r.get('compiled') else '')
     return (f"{r['model']:>13} {r['res']:>9} {mode:>6} | ours {p['img_per_s']:7.2f} img/s "
             f"{p['peak_mem_mb']:7.0f} MB {p['gmadds']:6.1f} GMACs {100 * p['gemm_fraction']:4.0f}% "
