@@ -63,7 +63,15 @@ def _load():
             f'this CPU has no AVX-512 (torch reports {torch.backends.cpu.get_cpu_capability()})'
         if problem is None:
             try:
-                from torch.utils.cpp_extension import load
+                # importing cpp_extension warns, on a CPU-only build of torch with a
+                # CUDA_HOME present, that no CUDA runtime is found: not our concern here
+                cpp_logger = logging.getLogger('torch.utils.cpp_extension')
+                level = cpp_logger.level
+                cpp_logger.setLevel(logging.ERROR)
+                try:
+                    from torch.utils.cpp_extension import load
+                finally:
+                    cpp_logger.setLevel(level)
                 logger.info('pale_mm: compiling the CPU attention kernel (once; cached)')
                 ext = load('pale_mm_attention_cpu', [_SOURCE],
                            extra_cflags=['-O3', '-mavx512f', '-mfma', '-fopenmp'],
