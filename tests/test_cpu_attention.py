@@ -192,3 +192,51 @@ def test_backbone_with_cp_through_kernel(monkeypatch):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
     for (n, b1), (_, b2) in zip(ref.named_buffers(), cp.named_buffers()):
         assert torch.equal(b1, b2), n
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    """A not-yet-loaded kernel state, restored afterwards."""
+    monkeypatch.setattr(cpu_attention, '_state', {'loaded': False, 'ext': None, 'enabled': True})
+    return monkeypatch
+
+
+def _failing_build(*a, **kw):
+    raise OSError('no compiler here')
+
+
+def test_failed_build_warns_once_and_falls_back_to_sdpa(fresh_loader):
+    import torch.utils.cpp_extension as cpp
+    fresh_loader.setattr(cpu_attention, '_cpu_has_avx512', lambda: True)
+    fresh_loader.setattr(cpp, 'load', _failing_build)
+    fresh_loader.setenv('PALE_MM_CPU_ATTENTION', 'auto')
+    with pytest.warns(UserWarning, match='could not be built.*no compiler here'):
+        assert not cpu_attention.cpu_attention_available()
+    assert not cpu_attention.can_fuse(torch.randn(2, 64), 32)  # no second warning
+    heads, C = 2, 64
+    q, k, v = (torch.randn(1, 14 * 14, C) for _ in range(3))
+    out = pale_attention(q, k, v, (14, 14), 7, heads)  # SDPA path, still exact
+    torch.testing.assert_close(out.double(), dense_pale_attention(q, k, v, (14, 14), 7, heads),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_required_kernel_fails_loudly(fresh_loader):
+    import torch.utils.cpp_extension as cpp
+    fresh_loader.setattr(cpu_attention, '_cpu_has_avx512', lambda: True)
+    fresh_loader.setattr(cpp, 'load', _failing_build)
+    fresh_loader.setenv('PALE_MM_CPU_ATTENTION', '1')
+    with pytest.raises(RuntimeError, match='PALE_MM_CPU_ATTENTION=1 but .* no compiler here'):
+        cpu_attention.cpu_attention_available()
+
+
+def test_no_avx512_means_sdpa_without_a_warning(fresh_loader, recwarn):
+    import torch.utils.cpp_extension as cpp
+    fresh_loader.setattr(cpu_attention, '_cpu_has_avx512', lambda: False)
+    fresh_loader.setattr(cpp, 'load', _failing_build)  # must not even be tried
+    fresh_loader.setenv('PALE_MM_CPU_ATTENTION', 'auto')
+    assert not cpu_attention.cpu_attention_available()
+    assert not [w for w in recwarn if 'pale_mm' in str(w.message)]
+    fresh_loader.setenv('PALE_MM_CPU_ATTENTION', '1')
+    cpu_attention._state['loaded'] = False
+    with pytest.raises(RuntimeError, match='no AVX-512'):
+        cpu_attention.cpu_attention_available()
