@@ -147,10 +147,16 @@ def test_bad_inputs_named():
                                       torch.randn(1, 5, 32))
     with pytest.raises(ValueError, match='needs head dim 32, got 16'):
         cpu_attention.fused_attention(*(torch.randn(1, 4, 16) for _ in range(3)))
+    q = torch.randn(2, 8, 32)
+    rows = torch.arange(0, 512, 32).view(2, 8)
+    bad = rows.clone()
+    bad[1, 7] = 0  # row 0 twice, the last row never
+    with pytest.raises(ValueError, match='every row of 32 floats .* exactly once'):
+        cpu_attention.gathered_attention(q, q, q, [bad], 1.)
     if AVX512:
-        q = torch.randn(2, 8, 32)
+        bad[1, 7] = 512  # past the end
         with pytest.raises(RuntimeError, match='offset is out of range'):
-            cpu_attention.gathered_attention(q, q, q, [torch.tensor([[0, 512]])], 1.)
+            cpu_attention.gathered_attention(q, q, q, [bad], 1., check=False)
 
 
 def test_env_switch_validated(monkeypatch):

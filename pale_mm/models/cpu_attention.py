@@ -144,19 +144,24 @@ class _GatheredAttention(torch.autograd.Function):
 
 
 def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       offsets: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
+                       offsets: Sequence[torch.Tensor], scale: float,
+                       check: bool = True) -> torch.Tensor:
     """Softmax attention over gathered rows of contiguous float32 CPU tensors.
 
     ``offsets``: ``(S, N)`` int64 tensors (``N`` may differ between them); row ``r``
     of sequence ``s`` is the 32 floats at element offset ``offsets[s, r]`` of ``q``,
     ``k``, ``v`` (all the same shape) and of the output. Together the offsets must
     name every 32-float row of the tensors exactly once (the output has no other
-    elements); callers build them once per shape. Returns a tensor like ``q``.
+    elements); callers build them once per shape and may then pass ``check=False``
+    to skip verifying that (a sort of all offsets). Returns a tensor like ``q``.
     Call only where :func:`can_fuse` holds."""
     q, k, v = (t.contiguous() for t in (q, k, v))
     if not (q.shape == k.shape == v.shape):
         raise ValueError(f'gathered_attention expects q, k, v of one shape, got '
                          f'{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
+    if check and not _offsets_ok(q.numel(), offsets):
+        raise ValueError(f'gathered_attention: the offsets must name every row of '
+                         f'{HEAD_DIM} floats of the {tuple(q.shape)} tensors exactly once')
     scale = float(scale)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return _GatheredAttention.apply(q, k, v, tuple(offsets), scale)
@@ -180,4 +185,5 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     n = shape[-2]
     offsets = torch.arange(0, q.numel(), HEAD_DIM).view(-1, n) if n else \
         torch.zeros(0, 0, dtype=torch.long)
-    return gathered_attention(q, k, v, [offsets], shape[-1] ** -0.5 if scale is None else scale)
+    return gathered_attention(q, k, v, [offsets], shape[-1] ** -0.5 if scale is None else scale,
+                              check=False)

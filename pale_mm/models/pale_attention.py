@@ -279,7 +279,8 @@ def pale_attention_nhwc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     shape = tuple(int(s) for s in q.shape)  # plain ints, also under jit tracing
     scale = (shape[-1] // num_heads) ** -0.5
     if can_fuse(q, shape[-1] // num_heads, attn_drop):  # fp32 CPU, head dim 32
-        return gathered_attention(q, k, v, _token_offsets(shape, sizes, heads), scale)
+        return gathered_attention(q, k, v, _token_offsets(shape, sizes, heads), scale,
+                                  check=False)  # checked once per shape when built
     autograd = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     grouped = _PaleGroup.apply(shape, sizes, heads, q, k, v) if autograd \
         else _group(shape, sizes, heads, q, k, v)
