@@ -39,9 +39,13 @@ def test_cpu_memory_probe_runs_the_timed_precision(amp):
         seen.append(args[4])
         return 0
     bench._one_step_peak = record
-    bench._memory_case(json.dumps(dict(name='pale:tiny', hw=[64, 64], mode='infer',
-                                       with_cp=False, batch=1, threads=1, compile=False,
-                                       amp=amp)))
+    threads = torch.get_num_threads()
+    try:  # _memory_case sets the subprocess's thread count; here it runs in-process
+        bench._memory_case(json.dumps(dict(name='pale:tiny', hw=[64, 64], mode='infer',
+                                           with_cp=False, batch=1, threads=1, compile=False,
+                                           amp=amp)))
+    finally:
+        torch.set_num_threads(threads)
     assert seen == [dtype]
 
 
