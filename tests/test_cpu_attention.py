@@ -178,7 +178,7 @@ def test_backbone_with_cp_through_kernel(monkeypatch):
     calls = []
     real = pale_mod.gathered_attention
     monkeypatch.setattr(pale_mod, 'gathered_attention',
-                        lambda *a: calls.append(a[0].shape) or real(*a))
+                        lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
     torch.manual_seed(0)
     ref = PaleTransformer(arch=dict(embed_dims=[64, 128, 128, 128], depths=[1, 1, 1, 1],
                                     num_heads=[2, 4, 4, 4]), drop_path_rate=0.3).train()
