@@ -8,8 +8,11 @@
 // thousand for pale groups) is computed whole, so the softmax is exact per row
 // (no online rescaling). Register tiles: 8 query rows x 32 key columns for the
 // score GEMM (contraction over the head dim), 8 rows x 32 head channels for the
-// value GEMM (contraction over keys). The forward returns o and the row
-// log-sum-exp, which the backward uses to recompute the probabilities.
+// value GEMM (contraction over keys); K is packed transposed per sequence with
+// 16 x 16 register transposes. The forward scales q by scale * log2(e), so its
+// scores are in log2 units and the softmax is 2^(s - max), the max taken in the
+// score GEMM's epilogue. It returns o and the row log-sum-exp (natural log), which
+// the backward uses to recompute the probabilities.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -28,25 +31,41 @@ constexpr int QCHUNK = 128;  // query rows per forward work item
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// exp(x) for finite x <= 0 (differences to a row maximum); |rel err| ~ 2e-7. No
-// clamp is needed: for very negative x, f = t - round(t) stays in [-0.5, 0.5] and
-// scalef underflows to 0.
-inline __m512 exp_ps(__m512 x) {
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);  // in [-0.5, 0.5]
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+// 2^x for finite x <= 0 (differences to a row maximum, in log2 units); |rel err|
+// < 2.5e-7 (a degree-5 relative-error minimax fit of 2^f on [-0.5, 0.5], evaluated
+// in fp32). No clamp is needed: for very negative x, f = x - round(x) stays in
+// [-0.5, 0.5] and scalef underflows to 0.
+inline __m512 exp2_ps(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.32765e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.67554e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402212e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314697e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.00000007f));
   return _mm512_scalef_ps(p, n);
 }
 
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// exp(x) for finite x <= 0.
+inline __m512 exp_ps(__m512 x) { return exp2_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e))); }
+
+// Lanes of the 16-column block at j that are real keys (columns < n); j < n.
+inline __mmask16 key_mask(int j, int n) {
+  return n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
+}
+
 // C[MR][ldc] = A[MR][D] (row stride D) x Bt[D][ldb], columns [0, np), np % 16 == 0.
-void gemm_abt(const float* A, const float* Bt, int ldb, int np, float* C, int ldc) {
+// With kMax, also row_max[i] = max of row i of C over the columns [0, n), n > np - 16.
+template <bool kMax>
+void gemm_abt(const float* A, const float* Bt, int ldb, int np, float* C, int ldc,
+              int n = 0, float* row_max = nullptr) {
+  __m512 mx[MR];
+  if (kMax)
+    for (int i = 0; i < MR; i++) mx[i] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   int j = 0;
   for (; j + 32 <= np; j += 32) {
     __m512 c0[MR], c1[MR];
@@ -64,6 +83,13 @@ void gemm_abt(const float* A, const float* Bt, int ldb, int np, float* C, int ld
       _mm512_storeu_ps(C + i * ldc + j, c0[i]);
       _mm512_storeu_ps(C + i * ldc + j + 16, c1[i]);
     }
+    if (kMax) {
+      const __mmask16 m0 = key_mask(j, n), m1 = key_mask(j + 16, n);
+      for (int i = 0; i < MR; i++) {
+        mx[i] = _mm512_mask_max_ps(mx[i], m0, mx[i], c0[i]);
+        mx[i] = _mm512_mask_max_ps(mx[i], m1, mx[i], c1[i]);
+      }
+    }
   }
   for (; j < np; j += 16) {
     __m512 c0[MR];
@@ -74,7 +100,11 @@ void gemm_abt(const float* A, const float* Bt, int ldb, int np, float* C, int ld
         c0[i] = _mm512_fmadd_ps(_mm512_set1_ps(A[i * D + kk]), b0, c0[i]);
     }
     for (int i = 0; i < MR; i++) _mm512_storeu_ps(C + i * ldc + j, c0[i]);
+    if (kMax)
+      for (int i = 0; i < MR; i++) mx[i] = _mm512_mask_max_ps(mx[i], key_mask(j, n), mx[i], c0[i]);
   }
+  if (kMax)
+    for (int i = 0; i < MR; i++) row_max[i] = _mm512_reduce_max_ps(mx[i]);
 }
 
 // C[MR][D] (= or +=) sum_l A[r*sr + l*sl] * B[l][0:D], l in [0, L).
@@ -101,11 +131,48 @@ void gemm_ab(const float* A, int64_t sr, int64_t sl, const float* B, int L, floa
   }
 }
 
+// In place: r[k] (row k of a 16 x 16 block) becomes column k of it.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; i++) {  // per 128-bit lane L: rows 2i, 2i+1 of columns 4L.. 4L+3
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; i++) {  // u[4i + c], lane L: rows 4i..4i+3 of column 4L + c
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int c = 0; c < 4; c++) {  // column 4L + c gathers lane L of u[c], u[4+c], u[8+c], u[12+c]
+    const __m512 x = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44);
+    const __m512 y = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512 x2 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xee);
+    const __m512 y2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xee);
+    r[c] = _mm512_shuffle_f32x4(x, y, 0x88);
+    r[4 + c] = _mm512_shuffle_f32x4(x, y, 0xdd);
+    r[8 + c] = _mm512_shuffle_f32x4(x2, y2, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(x2, y2, 0xdd);
+  }
+}
+
 // Row r of a sequence lies at base + off[r] (D contiguous floats).
-// Kt[D][np] = rows^T, zero in columns [n, np).
+// Kt[D][np] = rows^T, zero in columns [n, np). Blocks of 16 rows are transposed in
+// registers; the last n % 16 rows element by element.
 void pack_transposed(const float* base, const int64_t* off, int n, int np, float* Kt) {
   for (int kk = 0; kk < D; kk++) std::fill(Kt + kk * np + n, Kt + (kk + 1) * np, 0.f);
-  for (int j = 0; j < n; j++) {
+  const int full = n / 16 * 16;
+  __m512 r[16];
+  for (int j = 0; j < full; j += 16) {
+    for (int h = 0; h < D; h += 16) {
+      for (int x = 0; x < 16; x++) r[x] = _mm512_loadu_ps(base + off[j + x] + h);
+      transpose16(r);
+      for (int x = 0; x < 16; x++) _mm512_storeu_ps(Kt + (h + x) * np + j, r[x]);
+    }
+  }
+  for (int j = full; j < n; j++) {
     const float* row = base + off[j];
     for (int kk = 0; kk < D; kk++) Kt[kk * np + j] = row[kk];
   }
@@ -129,30 +196,26 @@ void scatter_rows(const float* src, int rows, float mul, float* base, const int6
   }
 }
 
-// Lanes of the 16-column block at j that are real keys (columns < n).
-inline __mmask16 key_mask(int j, int n) {
-  return n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
-}
-
-// Rows of MR x np scores -> exp(s - m), m the row max over the real columns [0, n);
-// columns >= n become exactly 0. Returns each row's max and sum.
-void softmax_rows(float* S, int n, int np, float* row_max, float* row_sum) {
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+// Rows of MR x np scores (log2 units) -> 2^(s - m), m the row max over the real
+// columns [0, n) (given); columns >= n become exactly 0. Returns each row's sum.
+void softmax_rows(float* S, int n, int np, const float* row_max, float* row_sum) {
+  const int full = n / 16 * 16;
   for (int i = 0; i < MR; i++) {
     float* s = S + static_cast<size_t>(i) * np;
-    __m512 mx = neg_inf;
-    for (int j = 0; j < np; j += 16)
-      mx = _mm512_mask_max_ps(mx, key_mask(j, n), mx, _mm512_loadu_ps(s + j));
-    const float m = _mm512_reduce_max_ps(mx);
-    const __m512 mv = _mm512_set1_ps(m);
+    const __m512 mv = _mm512_set1_ps(row_max[i]);
     __m512 sum = _mm512_setzero_ps();
-    for (int j = 0; j < np; j += 16) {
-      const __m512 e = _mm512_maskz_mov_ps(key_mask(j, n),
-                                           exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv)));
+    int j = 0;
+    for (; j < full; j += 16) {
+      const __m512 e = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv));
       _mm512_storeu_ps(s + j, e);
       sum = _mm512_add_ps(sum, e);
     }
-    row_max[i] = m;
+    if (j < np) {  // the tail block: padded key columns are zeroed
+      const __m512 e = _mm512_maskz_mov_ps(key_mask(j, n),
+                                           exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv)));
+      _mm512_storeu_ps(s + j, e);
+      sum = _mm512_add_ps(sum, e);
+    }
     row_sum[i] = _mm512_reduce_add_ps(sum);
   }
 }
@@ -191,7 +254,7 @@ torch::Tensor attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor 
   const int64_t* offp = offsets.data_ptr<int64_t>();
   float* op = o.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
+  const float sc2 = static_cast<float>(scale) * kLog2e;
   at::parallel_for(0, S * chunks, 1, [&](int64_t w0, int64_t w1) {
     const size_t npd = static_cast<size_t>(D) * np;
     std::vector<float> Kt(npd), V(npd), Sc(static_cast<size_t>(MR) * np);
@@ -209,13 +272,13 @@ torch::Tensor attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor 
       const int r1 = std::min(n, (c + 1) * QCHUNK);
       for (int r0 = c * QCHUNK; r0 < r1; r0 += MR) {
         const int mr = std::min(MR, r1 - r0);
-        gather_rows(qp, off + r0, mr, MR, sc, Qs);
-        gemm_abt(Qs, Kt.data(), np, np, Sc.data(), np);
+        gather_rows(qp, off + r0, mr, MR, sc2, Qs);  // scores in log2 units
+        gemm_abt<true>(Qs, Kt.data(), np, np, Sc.data(), np, n, mx);
         softmax_rows(Sc.data(), n, np, mx, sum);
         gemm_ab(Sc.data(), np, 1, V.data(), n, Ot, false);
         for (int i = 0; i < mr; i++) {
           inv[i] = 1.f / sum[i];
-          lp[s * n + r0 + i] = mx[i] + std::log(sum[i]);
+          lp[s * n + r0 + i] = (mx[i] + std::log2(sum[i])) * kLn2;  // natural log
           float* row = op + off[r0 + i];
           for (int x = 0; x < D; x++) row[x] = Ot[i * D + x] * inv[i];
         }
@@ -269,8 +332,8 @@ void attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k
         for (int t = 0; t < mbp; t += MR) {
           float* Pt = P.data() + static_cast<size_t>(t) * np;
           float* dSt = dS.data() + static_cast<size_t>(t) * np;
-          gemm_abt(Qs.data() + t * D, Kt.data(), np, np, Pt, np);     // scores
-          gemm_abt(G.data() + t * D, Vt.data(), np, np, dSt, np);     // dP
+          gemm_abt<false>(Qs.data() + t * D, Kt.data(), np, np, Pt, np);     // scores
+          gemm_abt<false>(G.data() + t * D, Vt.data(), np, np, dSt, np);     // dP
           for (int i = 0; i < MR; i++) {
             float* p = Pt + static_cast<size_t>(i) * np;
             float* ds = dSt + static_cast<size_t>(i) * np;
