@@ -150,3 +150,39 @@ def test_backward_all_params_used():
     sum(o.mean() for o in model(torch.randn(2, 3, 40, 40))).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
+
+
+@pytest.mark.parametrize('dims,heads', [(64, 2), (24, 4)])  # kernel (head dim 32) and SDPA
+def test_block_inference_path_leaves_its_input_and_matches_autograd(dims, heads):
+    """At inference the block adds the CPE in place into the conv's output and fuses
+    the residual adds into the output GEMMs; its input stays untouched and the
+    result is the autograd path's."""
+    from pale_mm.models.pale_transformer import PaleBlock
+    torch.manual_seed(0)
+    blk = PaleBlock(dims, heads, pale_size=(3, 4)).eval()
+    x = torch.randn(2, 10, 13, dims)
+    x0 = x.clone()
+    with torch.no_grad():
+        fast = blk(x)
+    assert torch.equal(x, x0)
+    slow = blk(x.clone().requires_grad_())  # F.linear and separate adds
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_block_drop_path_applies_to_both_branches():
+    from pale_mm.models.pale_transformer import PaleBlock
+    torch.manual_seed(0)
+    blk = PaleBlock(16, 2, pale_size=3, drop_path_rate=0.5).train()
+    x = torch.randn(4, 6, 6, 16)
+    # drop path on a sample: that sample's branch contribution is zero or scaled by 2
+    for m in blk.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    torch.manual_seed(3)
+    out = blk(x)
+    torch.manual_seed(3)
+    keep = [torch.empty(4, 1, 1, 1).bernoulli_(0.5) for _ in range(2)]
+    cpe = x + blk.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    y = cpe + blk.attn(blk.norm1(cpe).reshape(4, 36, 16), (6, 6)).view(4, 6, 6, 16) * keep[0] / 0.5
+    y = y + blk.mlp(blk.norm2(y)) * keep[1] / 0.5
+    torch.testing.assert_close(out, y, rtol=1e-5, atol=1e-5)

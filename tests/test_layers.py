@@ -139,3 +139,48 @@ def test_backbone_inference_same_with_and_without_fast_linear(onednn_calls):
             layers.set_fast_cpu_linear(previous)
     for a, b in zip(fast, plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@onednn
+def test_linear_residual_add_is_fused_at_inference(monkeypatch):
+    calls = []
+    real = layers._ONEDNN_LINEAR_ADD
+
+    def counting(*args):
+        calls.append(args[-1])
+        return real(*args)
+    monkeypatch.setattr(layers, '_ONEDNN_LINEAR_ADD', counting)
+    x, r = torch.randn(2, 9, 11, 48), torch.randn(2, 9, 11, 80)
+    w, b = torch.randn(80, 48), torch.randn(80)
+    want = r + F.linear(x, w, b)
+    with torch.no_grad():
+        got = layers.linear(x, w, b, residual=r)
+        assert calls == ['add']
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # a residual that only broadcasts is added after the GEMM
+        r1 = torch.randn(80)
+        torch.testing.assert_close(layers.linear(x, w, b, residual=r1), r1 + F.linear(x, w, b),
+                                   rtol=1e-5, atol=1e-5)
+        assert calls == ['add']
+    # with autograd: F.linear, then the add; the residual gets its gradient
+    rg = r.clone().requires_grad_()
+    out = layers.linear(x, w, b, residual=rg)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert calls == ['add']
+    torch.testing.assert_close(rg.grad, torch.ones_like(r), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('drop', [0., 0.5])
+def test_mlp_identity_is_added_after_dropout(drop):
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64, drop=drop).train()
+    x, identity = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    torch.manual_seed(1)
+    want = identity + mlp(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(mlp(x, identity=identity), want, rtol=0, atol=0)
+    mlp.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x, identity=identity), identity + mlp(x),
+                                   rtol=1e-6, atol=1e-6)

@@ -59,7 +59,15 @@ def _find_onednn_linear():
         return None
 
 
+def _find_onednn_linear_add():
+    try:
+        return torch.ops.mkldnn._linear_pointwise.binary
+    except (AttributeError, RuntimeError):
+        return None
+
+
 _ONEDNN_LINEAR = _find_onednn_linear()
+_ONEDNN_LINEAR_ADD = _find_onednn_linear_add()
 _fast_cpu_linear = [True]
 
 
@@ -93,22 +101,31 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, gelu: bool = False):
-    """``F.linear`` (then exact GELU when ``gelu``) on the last dim of ``x``.
+def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, gelu: bool = False,
+           residual=None):
+    """``F.linear`` (then exact GELU when ``gelu``) on the last dim of ``x``; with a
+    ``residual`` (shaped like the output), ``residual + out``.
 
     At fp32 CPU inference it runs oneDNN's linear (``mkldnn::_linear_pointwise``,
-    what inductor uses on CPU) with the GELU fused as a post-op: one pass less over
-    the hidden activation, and on some CPUs (AMD) oneDNN's GEMM is markedly faster
-    than the BLAS behind ``F.linear``. With autograd, autocast, tracing or on
-    other devices it is ``F.linear`` (+ ``F.gelu``). :func:`set_fast_cpu_linear`
-    turns it off."""
-    if not _needs_grad(x, weight, bias) and _onednn_ok(x, weight):
+    what inductor uses on CPU) with the GELU, or the residual add, fused as a
+    post-op: one pass less over the output, and on some CPUs (AMD) oneDNN's GEMM is
+    markedly faster than the BLAS behind ``F.linear``. With autograd, autocast,
+    tracing or on other devices it is ``F.linear`` (+ ``F.gelu``, + ``residual``).
+    :func:`set_fast_cpu_linear` turns it off."""
+    if not _needs_grad(x, weight, bias, residual) and _onednn_ok(x, weight):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        shape = (*x.shape[:-1], weight.shape[0])
+        if residual is not None and not gelu and _ONEDNN_LINEAR_ADD is not None \
+                and residual.shape == shape and residual.dtype == x.dtype:
+            out = _ONEDNN_LINEAR_ADD(x2, residual.reshape(x2.shape[0], -1).contiguous(),
+                                     weight.contiguous(), bias, 'add')
+            return out.view(shape)
         out = _ONEDNN_LINEAR(x2, weight.contiguous(), bias, 'gelu' if gelu else 'none', [],
-                             'none')
-        return out.view(*x.shape[:-1], weight.shape[0])
-    out = F.linear(x, weight, bias)
-    return F.gelu(out) if gelu else out
+                             'none').view(shape)
+    else:
+        out = F.linear(x, weight, bias)
+        out = F.gelu(out) if gelu else out
+    return out if residual is None else residual + out
 
 
 class _GeluLinear(torch.autograd.Function):
@@ -155,14 +172,19 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, identity=None) -> torch.Tensor:
+        """``x``: ``(..., C)``. With ``identity`` (shaped like the output), returns
+        ``identity + mlp(x)``; at fp32 CPU inference the add is fused into fc2."""
         fc1, fc2 = self.fc1, self.fc2
         exact_gelu = type(self.act) is nn.GELU and self.act.approximate == 'none'
         if exact_gelu and (self.drop.p == 0 or not self.training):
             if not _needs_grad(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias):
-                return linear(linear(x, fc1.weight, fc1.bias, gelu=True), fc2.weight, fc2.bias)
-            return _GeluLinear.apply(fc1(x), fc2.weight, fc2.bias)
-        return self.drop(fc2(self.drop(self.act(fc1(x)))))
+                return linear(linear(x, fc1.weight, fc1.bias, gelu=True), fc2.weight, fc2.bias,
+                              residual=identity)
+            out = _GeluLinear.apply(fc1(x), fc2.weight, fc2.bias)
+        else:
+            out = self.drop(fc2(self.drop(self.act(fc1(x)))))
+        return out if identity is None else identity + out
 
 
 class ConvPatchEmbed(nn.Module):

@@ -13,7 +13,7 @@ attend within their real lines, which is the same result without the masked work
 (:func:`_group_parts`).
 """
 import functools
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -434,8 +434,11 @@ class PSAttention(nn.Module):
         folded_bias = weight @ shift if bias is None else torch.addmv(bias, weight, shift)
         return weight * scale, folded_bias
 
-    def forward(self, x: torch.Tensor, hw_shape: Sequence[int]) -> torch.Tensor:
-        """x: ``(B, H*W, C)`` -> ``(B, H*W, C)``."""
+    def forward(self, x: torch.Tensor, hw_shape: Sequence[int],
+                identity: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: ``(B, H*W, C)`` -> ``(B, H*W, C)``. With ``identity`` (``(B, H*W, C)``),
+        returns ``identity + attn(x)``; at fp32 CPU inference the add is fused into
+        the output projection."""
         if x.dim() != 3:
             raise ValueError(f'PSAttention expects (B, H*W, C) tokens, got a {x.dim()}-D '
                              f'tensor of shape {tuple(x.shape)}')
@@ -447,4 +450,7 @@ class PSAttention(nn.Module):
         q, k, v = self._qkv(x.reshape(B, H, W, C))
         out = pale_attention_nhwc(q, k, v, self.pale_size, self.num_heads,
                                   self.attn_drop_rate if self.training else 0.)
-        return self.proj_drop(linear(out.view(B, N, C), self.proj.weight, self.proj.bias))
+        if self.training and self.proj_drop.p > 0:
+            out = self.proj_drop(linear(out.view(B, N, C), self.proj.weight, self.proj.bias))
+            return out if identity is None else identity + out
+        return linear(out.view(B, N, C), self.proj.weight, self.proj.bias, residual=identity)

@@ -41,11 +41,20 @@ class PaleBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        x = x + self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        attn = self.attn(self.norm1(x).view(B, H * W, C), (H, W))
-        x = x + self.drop_path(attn.view(B, H, W, C))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
+        cpe = self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if torch.is_grad_enabled() or not cpe.is_contiguous():
+            x = x + cpe
+        else:  # inference: add in place into the fresh conv output (x + cpe, the same sum)
+            x = cpe.add_(x)
+        if self.training and self.drop_path.drop_prob > 0:
+            attn = self.attn(self.norm1(x).view(B, H * W, C), (H, W))
+            x = x + self.drop_path(attn.view(B, H, W, C))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        # no drop path: the residual adds go into the attention's output projection
+        # and the MLP's fc2 (fused into the GEMM at fp32 CPU inference)
+        x = self.attn(self.norm1(x).view(B, H * W, C), (H, W), identity=x.reshape(B, H * W, C))
+        x = x.view(B, H, W, C)
+        return self.mlp(self.norm2(x), identity=x)
 
 
 class PaleTransformer(PyramidBackbone):
