@@ -186,3 +186,36 @@ def test_block_drop_path_applies_to_both_branches():
     y = cpe + blk.attn(blk.norm1(cpe).reshape(4, 36, 16), (6, 6)).view(4, 6, 6, 16) * keep[0] / 0.5
     y = y + blk.mlp(blk.norm2(y)) * keep[1] / 0.5
     torch.testing.assert_close(out, y, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_embed_weights_stay_channels_last_and_change_nothing():
+    """The stem and merge conv weights are stored channels-last (no per-call weight
+    copy in oneDNN's conv); init, load_state_dict and .to() keep that, and the
+    outputs and gradients are those of plain (contiguous) weights."""
+    torch.manual_seed(0)
+    model = _small()
+    model.init_weights()
+    cl = torch.channels_last
+
+    def layouts(m):
+        return [e.proj.weight.is_contiguous(memory_format=cl) for e in m.patch_embeds]
+    assert all(layouts(model))
+    plain = copy.deepcopy(model)
+    for e in plain.patch_embeds:
+        e.proj.weight.data = e.proj.weight.data.contiguous()
+    assert not any(layouts(plain)[1:])  # merges (the 3-channel stem may be both)
+    model.load_state_dict(plain.state_dict())
+    assert all(layouts(model)) and all(layouts(model.double().float()))
+    x = torch.randn(2, 3, 45, 61)
+    for train in (False, True):
+        outs = []
+        for m in (model, plain):
+            torch.manual_seed(1)  # the same drop path
+            outs.append(m.train(train)(x))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    sum(o.sum() for o in outs[0]).backward()
+    sum(o.sum() for o in outs[1]).backward()
+    for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+    assert all(e.proj.weight.grad.is_contiguous(memory_format=cl) for e in model.patch_embeds)

@@ -190,12 +190,21 @@ class Mlp(nn.Module):
 class ConvPatchEmbed(nn.Module):
     """Strided conv then LayerNorm: ``(B, C_in, H, W)`` -> ``(B, H', W', C_out)``
     with ``H' = floor((H + 2p - k) / s) + 1`` (ceil(H/s) for the Pale stem and
-    merges)."""
+    merges).
+
+    With ``channels_last``, the conv weight is stored channels-last (same values and
+    state dict): patch merges get channels-last views of ``(B, H, W, C)`` maps,
+    and PyTorch's CPU (oneDNN) conv would otherwise copy the weight to that layout
+    on every call; the stem then also writes its output channels-last, which the
+    LayerNorm reads without a copy. ``load_state_dict`` and ``.to()`` keep the
+    layout."""
 
     def __init__(self, in_channels: int, embed_dims: int, kernel_size: int, stride: int,
-                 padding: int):
+                 padding: int, channels_last: bool = False):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, embed_dims, kernel_size, stride, padding)
+        if channels_last:
+            self.proj.to(memory_format=torch.channels_last)
         self.norm = nn.LayerNorm(embed_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

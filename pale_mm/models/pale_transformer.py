@@ -110,9 +110,9 @@ class PaleTransformer(PyramidBackbone):
         for i, (dim, depth, heads) in enumerate(zip(self.embed_dims, self.depths,
                                                     self.num_heads)):
             if i == 0:
-                self.patch_embeds.append(ConvPatchEmbed(prev, dim, 7, 4, 3))
+                self.patch_embeds.append(ConvPatchEmbed(prev, dim, 7, 4, 3, channels_last=True))
             else:
-                self.patch_embeds.append(ConvPatchEmbed(prev, dim, 3, 2, 1))
+                self.patch_embeds.append(ConvPatchEmbed(prev, dim, 3, 2, 1, channels_last=True))
             self.stages.append(nn.ModuleList([
                 PaleBlock(dim, heads, self.pale_sizes[i], mlp_ratio, qkv_bias, drop_rate,
                           attn_drop_rate, dpr[cursor + j]) for j in range(depth)]))
