@@ -153,9 +153,11 @@ def test_linear_residual_add_is_fused_at_inference(monkeypatch):
     x, r = torch.randn(2, 9, 11, 48), torch.randn(2, 9, 11, 80)
     w, b = torch.randn(80, 48), torch.randn(80)
     want = r + F.linear(x, w, b)
+    r0 = r.clone()
     with torch.no_grad():
         got = layers.linear(x, w, b, residual=r)
         assert calls == ['add']
+        assert torch.equal(r, r0)  # the residual is read, not written
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         # a residual that only broadcasts is added after the GEMM
         r1 = torch.randn(80)
