@@ -219,3 +219,22 @@ def test_patch_embed_weights_stay_channels_last_and_change_nothing():
     for (n, p), q in zip(model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
     assert all(e.proj.weight.grad.is_contiguous(memory_format=cl) for e in model.patch_embeds)
+
+
+def test_channels_last_patch_embeds_keep_the_seeded_init(monkeypatch):
+    """The same seed gives the same initial weights as plain conv weights did."""
+    from pale_mm.models import layers
+    models = []
+    for force in (None, False):
+        if force is not None:
+            init = layers.ConvPatchEmbed.__init__
+            monkeypatch.setattr(layers.ConvPatchEmbed, '__init__',
+                                lambda self, *a, channels_last=False: init(self, *a))
+        torch.manual_seed(0)
+        models.append(_small())
+        models[-1].init_weights()
+    assert models[0].patch_embeds[1].proj.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not models[1].patch_embeds[1].proj.weight.is_contiguous(
+        memory_format=torch.channels_last)
+    a, b = (m.state_dict() for m in models)
+    assert all(torch.equal(a[k], b[k]) for k in a)

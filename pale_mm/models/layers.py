@@ -197,7 +197,11 @@ class ConvPatchEmbed(nn.Module):
     and PyTorch's CPU (oneDNN) conv would otherwise copy the weight to that layout
     on every call; the stem then also writes its output channels-last, which the
     LayerNorm reads without a copy. ``load_state_dict`` and ``.to()`` keep the
-    layout."""
+    layout. The conv's default init runs before the conversion, so its values are
+    those of a plain conv; a later in-place random init (``trunc_normal_`` etc.) fills
+    the weight in memory order, so the same seed then gives other (equally
+    distributed) values than a contiguous weight would get. ScalableViT re-initialises
+    its convs that way, so it keeps plain weights: its results stay as they were."""
 
     def __init__(self, in_channels: int, embed_dims: int, kernel_size: int, stride: int,
                  padding: int, channels_last: bool = False):

@@ -204,8 +204,8 @@ class ScalableViT(PyramidBackbone):
         self.stages = nn.ModuleList()
         prev, cursor = in_channels, 0
         for k, (dim, depth) in enumerate(zip(self.embed_dims, self.depths)):
-            embed = ConvPatchEmbed(prev, dim, 7, 4, 3, channels_last=True) if k == 0 else \
-                ConvPatchEmbed(prev, dim, 3, 2, 1, channels_last=True)
+            embed = ConvPatchEmbed(prev, dim, 7, 4, 3) if k == 0 else \
+                ConvPatchEmbed(prev, dim, 3, 2, 1)
             embed.norm.eps = self.norm_eps
             self.patch_embeds.append(embed)
             self.pos_block.append(PosCNN(dim))
