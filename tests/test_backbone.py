@@ -169,6 +169,19 @@ def test_block_inference_path_leaves_its_input_and_matches_autograd(dims, heads)
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-4, atol=1e-5)
 
 
+def test_block_inference_under_autocast_keeps_the_fp32_residual_stream():
+    from pale_mm.models.pale_transformer import PaleBlock
+    torch.manual_seed(0)
+    blk = PaleBlock(64, 2, pale_size=3).eval()
+    x = torch.randn(1, 6, 7, 64)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.no_grad():
+            fast = blk(x)
+        slow = blk(x.clone().requires_grad_())
+    assert fast.dtype == slow.dtype == torch.float32
+    torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=0)
+
+
 def test_block_drop_path_applies_to_both_branches():
     from pale_mm.models.pale_transformer import PaleBlock
     torch.manual_seed(0)

@@ -42,8 +42,8 @@ class PaleBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         cpe = self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        if torch.is_grad_enabled() or not cpe.is_contiguous():
-            x = x + cpe
+        if torch.is_grad_enabled() or not cpe.is_contiguous() or cpe.dtype != x.dtype:
+            x = x + cpe  # (under autocast the conv output is bf16/fp16: the sum promotes)
         else:  # inference: add in place into the fresh conv output (x + cpe, the same sum)
             x = cpe.add_(x)
         if self.training and self.drop_path.drop_prob > 0:
