@@ -237,15 +237,17 @@ def test_patch_embed_weights_stay_channels_last_and_change_nothing():
 def test_channels_last_patch_embeds_keep_the_seeded_init(monkeypatch):
     """The same seed gives the same initial weights as plain conv weights did."""
     from pale_mm.models import layers
-    models = []
-    for force in (None, False):
-        if force is not None:
-            init = layers.ConvPatchEmbed.__init__
-            monkeypatch.setattr(layers.ConvPatchEmbed, '__init__',
-                                lambda self, *a, channels_last=False: init(self, *a))
+
+    def seeded():
         torch.manual_seed(0)
-        models.append(_small())
-        models[-1].init_weights()
+        model = _small()
+        model.init_weights()
+        return model
+    models = [seeded()]
+    init = layers.ConvPatchEmbed.__init__  # then with channels_last ignored: plain weights
+    monkeypatch.setattr(layers.ConvPatchEmbed, '__init__',
+                        lambda self, *a, channels_last=False: init(self, *a))
+    models.append(seeded())
     assert models[0].patch_embeds[1].proj.weight.is_contiguous(memory_format=torch.channels_last)
     assert not models[1].patch_embeds[1].proj.weight.is_contiguous(
         memory_format=torch.channels_last)

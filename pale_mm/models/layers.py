@@ -52,22 +52,16 @@ class DropPath(nn.Module):
         return f'drop_prob={self.drop_prob:.3f}'
 
 
-def _find_onednn_linear():
+def _find_onednn_linear(overload: str):
+    """``mkldnn::_linear_pointwise.<overload>``, or ``None`` on builds without it."""
     try:
-        return torch.ops.mkldnn._linear_pointwise.default
+        return getattr(torch.ops.mkldnn._linear_pointwise, overload)
     except (AttributeError, RuntimeError):
         return None
 
 
-def _find_onednn_linear_add():
-    try:
-        return torch.ops.mkldnn._linear_pointwise.binary
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_ONEDNN_LINEAR = _find_onednn_linear()
-_ONEDNN_LINEAR_ADD = _find_onednn_linear_add()
+_ONEDNN_LINEAR = _find_onednn_linear('default')
+_ONEDNN_LINEAR_ADD = _find_onednn_linear('binary')  # with a binary post-op ('add')
 _fast_cpu_linear = [True]
 
 
