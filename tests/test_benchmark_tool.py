@@ -49,6 +49,27 @@ def test_cpu_memory_probe_runs_the_timed_precision(amp):
     assert seen == [dtype]
 
 
+def test_max_square_fit_and_its_failure(monkeypatch):
+    """The largest-square estimate extrapolates a linear fit of forward peaks, and says
+    so, instead of printing None, when the peaks do not grow (probes too small)."""
+    import argparse
+
+    import torch
+    bench = _load()
+    args = argparse.Namespace(cp_res=[], mem_probe=[100, 200], mem_budget_gb=1, amp=None)
+    bar = type('Bar', (), {'update': lambda self, n: None})()
+    # pale: 1 MiB + 4 KiB per pixel -> (2**30 - 2**20) / 4096 px = 255.75 * 1024
+    peaks = {'pale:tiny': lambda s: 2 ** 20 + 4096 * s * s, 'swin:tiny': lambda s: 30 * 2 ** 20}
+    monkeypatch.setattr(bench, 'measure_peak', lambda name, hw, *a, **k: peaks[name](hw[0]))
+    res = bench.bench_memory(args, torch.device('cpu'), bar)['max_square']
+    assert res['pale']['max_side'] == int((255.75 * 1024) ** 0.5) == 511
+    assert res['pale']['bytes_per_pixel'] == pytest.approx(4096)
+    assert res['swin']['max_side'] is None
+    assert 'did not grow' in res['swin']['method'] and '100 px: 30.0 MB' in res['swin']['method']
+    with pytest.raises(SystemExit):
+        bench.main(['--sections', 'memory', '--mem-probe', '256', '256'])
+
+
 @pytest.mark.slow
 def test_benchmark_runs_and_writes_results(tmp_path):
     bench = _load()
@@ -56,7 +77,7 @@ def test_benchmark_runs_and_writes_results(tmp_path):
         '--models', 'pale:tiny', 'scalablevit:s', '--res', '64', '--modes', 'infer', 'train',
         '--reps', '1',
         '--warmup', '1', '--sweep', '14', '21x28', '--sweep-dim', '32', '--sweep-heads', '2',
-        '--sweep-reps', '1', '--cp-res', '64', '--mem-probe', '64', '96',
+        '--sweep-reps', '1', '--cp-res', '64', '--mem-probe', '128', '320',
         '--out', str(tmp_path)])
     data = json.loads((tmp_path / 'benchmark.json').read_text())
     assert (tmp_path / 'benchmark.png').stat().st_size > 1000

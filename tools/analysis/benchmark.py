@@ -377,11 +377,17 @@ def bench_memory(args, device, bar):
         mx, my = statistics.fmean(xs), statistics.fmean(ys)
         slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
         icpt = my - slope * mx
-        side = int(math.sqrt(max(budget - icpt, 0) / slope)) if slope > 0 else None
-        res['max_square'][name] = dict(
-            probes=[dict(side=int(math.sqrt(a)), peak_mb=b / 2 ** 20) for a, b in pts],
-            bytes_per_pixel=slope, budget_gb=args.mem_budget_gb, max_side=side,
-            method='linear fit of measured forward peaks (extrapolated)')
+        probes = [dict(side=int(math.sqrt(a)), peak_mb=b / 2 ** 20) for a, b in pts]
+        rec = dict(probes=probes, bytes_per_pixel=slope, budget_gb=args.mem_budget_gb,
+                   method='linear fit of measured forward peaks (extrapolated)')
+        if slope > 0:
+            rec['max_side'] = int(math.sqrt(max(budget - icpt, 0) / slope))
+        else:  # small inputs: a fresh process's fixed ~30 MB hides the activations
+            rec['max_side'] = None
+            rec['method'] = 'no fit: the forward peaks did not grow with the input ' + \
+                ', '.join(f"({p['side']} px: {p['peak_mb']:.1f} MB)" for p in probes) + \
+                '; probe larger --mem-probe sizes'
+        res['max_square'][name] = rec
         bar.update(1)
     return res
 
@@ -457,13 +463,17 @@ def main(argv=None):
     ap.add_argument('--global-limit', type=float, default=2e11,
                     help='skip global attention above tokens^2*dim')
     ap.add_argument('--cp-res', nargs='+', type=parse_hw, default=[(800, 1216), (1024, 1024)])
-    ap.add_argument('--mem-probe', nargs='+', type=int, default=[256, 512, 768, 1024])
+    ap.add_argument('--mem-probe', nargs='+', type=int, default=[256, 512, 768, 1024],
+                    help='square input sides whose forward peaks are fitted (at least two '
+                         'distinct; below ~256 px a fresh process\'s fixed overhead dominates)')
     ap.add_argument('--mem-budget-gb', type=float, default=16)
     ap.add_argument('--out', default='work_dirs/benchmark')
     ap.add_argument('--_memory-case', help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._memory_case:
         return _memory_case(args._memory_case)
+    if 'memory' in args.sections and len(set(args.mem_probe)) < 2:
+        ap.error(f'--mem-probe needs at least two distinct sizes to fit, got {args.mem_probe}')
     args.amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None}[args.amp]
     if args.threads:
         torch.set_num_threads(args.threads)
