@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from pale_mm.models import PSAttention, cpu_attention, pale_attention
 from pale_oracle import dense_pale_attention
+from switches import switched_off
 
 AVX512 = cpu_attention._cpu_has_avx512()
 needs_kernel = pytest.mark.skipif(not AVX512, reason='the fused kernel needs AVX-512')
@@ -108,11 +109,8 @@ def test_where_the_kernel_is_not_used():
     assert not cpu_attention.can_fuse(q, 16)                    # head dim 16
     assert not cpu_attention.can_fuse(q, 32, 0.1)               # attention dropout
     assert not cpu_attention.can_fuse(q.bfloat16(), 32)         # autocast's dtype
-    previous = cpu_attention.set_cpu_attention(False)
-    try:
+    with switched_off(cpu_attention.set_cpu_attention):
         assert not cpu_attention.can_fuse(q, 32)
-    finally:
-        cpu_attention.set_cpu_attention(previous)
     seen = []
     torch.jit.trace(lambda t: seen.append(cpu_attention.can_fuse(t, 32)) or t, (q,),
                     check_trace=False)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from pale_mm.models import layers
 from pale_mm.models.layers import Mlp
+from switches import switched_off
 
 
 def _plain(m, x):
@@ -111,11 +112,8 @@ def test_linear_fast_path_only_for_fp32_cpu_inference(onednn_calls):
             assert layers.linear(x, w).dtype == torch.bfloat16  # autocast keeps its rules
         wd = w.detach()
         torch.jit.trace(lambda t: layers.linear(t, wd), (x,), check_trace=False)  # FLOP counter
-        previous = layers.set_fast_cpu_linear(False)
-        try:
+        with switched_off(layers.set_fast_cpu_linear):
             torch.testing.assert_close(layers.linear(x, w), F.linear(x, w), rtol=0, atol=0)
-        finally:
-            layers.set_fast_cpu_linear(previous)
     assert onednn_calls == []
     with torch.no_grad():
         layers.linear(x, w)
@@ -132,11 +130,8 @@ def test_backbone_inference_same_with_and_without_fast_linear(onednn_calls):
     with torch.no_grad():
         fast = model(x)
         assert onednn_calls  # qkv, proj and both MLP layers
-        previous = layers.set_fast_cpu_linear(False)
-        try:
+        with switched_off(layers.set_fast_cpu_linear):
             plain = model(x)
-        finally:
-            layers.set_fast_cpu_linear(previous)
     for a, b in zip(fast, plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 

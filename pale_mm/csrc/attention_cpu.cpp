@@ -367,7 +367,14 @@ void attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k
   });
 }
 
+// dwconv_cpu.cpp, built into the same extension
+void dwconv3x3_nhwc(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                    std::vector<torch::Tensor> outs, bool residual);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dwconv3x3", &dwconv3x3_nhwc,
+        "depthwise 3x3 convs (stride 1, padding 1) of a channels-last fp32 map, T = 1 or 3 "
+        "weight sets in one pass (inference)");
   m.def("forward", &attention_forward, "fused attention forward over gathered rows (fp32, head dim 32)");
   m.def("backward", &attention_backward, "fused attention backward over gathered rows (fp32, head dim 32)");
 }

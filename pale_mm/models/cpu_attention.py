@@ -32,7 +32,9 @@ __all__ = ['cpu_attention_available', 'set_cpu_attention', 'fused_attention',
 
 HEAD_DIM = 32
 _ENV = 'PALE_MM_CPU_ATTENTION'
-_SOURCE = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'csrc', 'attention_cpu.cpp')
+_CSRC = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'csrc')
+# one extension: the attention kernel and the depthwise convs of :mod:`.cpu_dwconv`
+_SOURCES = [osp.join(_CSRC, 'attention_cpu.cpp'), osp.join(_CSRC, 'dwconv_cpu.cpp')]
 _state = {'loaded': False, 'ext': None, 'enabled': True}
 logger = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ def _load():
                 finally:
                     cpp_logger.setLevel(level)
                 logger.info('pale_mm: compiling the CPU attention kernel (once; cached)')
-                ext = load('pale_mm_attention_cpu', [_SOURCE],
+                ext = load('pale_mm_attention_cpu', _SOURCES,
                            extra_cflags=['-O3', '-mavx512f', '-mfma', '-fopenmp'],
                            extra_ldflags=['-fopenmp'], verbose=False)
             except Exception as e:  # compiler, ninja or headers missing

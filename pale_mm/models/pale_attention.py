@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .cpu_attention import _offsets_ok, can_fuse, gathered_attention
+from .cpu_dwconv import can_fuse_dwconv, fused_dwconv3x3
 from .layers import check_pale_size, linear
 
 __all__ = ['pale_attention', 'PSAttention', 'pale_groups']
@@ -384,10 +385,15 @@ class PSAttention(nn.Module):
         xc = x.permute(0, 3, 1, 2)
         dw = self.qkv_dw.weight
         fold = not bn.training
+        fused = None
         if fold:
             scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-            shifts = (bn.bias - bn.running_mean * scale).chunk(3)
+            shift = bn.bias - bn.running_mean * scale
+            shifts = shift.chunk(3)
             dw = dw * scale.view(-1, 1, 1, 1)
+            if can_fuse_dwconv(x, dw, shift, self.qkv.weight, self.qkv.bias):
+                # fp32 CPU inference: the three convs in one pass over x
+                fused = fused_dwconv3x3(x, dw, shift, sets=3)
         else:
             momentum = 0.  # 0: leave the running statistics alone
             if self.update_bn_stats:
@@ -400,7 +406,9 @@ class PSAttention(nn.Module):
         out = []
         for t in range(3):
             w, b = pws[t], pbs[t]
-            if fold:
+            if fused is not None:
+                y = fused[t]
+            elif fold:
                 y = F.conv2d(xc, dws[t], shifts[t], 1, 1, 1, C).permute(0, 2, 3, 1)
             else:
                 y = F.conv2d(xc, dws[t], None, 1, 1, 1, C).permute(0, 2, 3, 1)

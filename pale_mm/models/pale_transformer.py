@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .classifier import ClassifierMixin
+from .cpu_dwconv import can_fuse_dwconv, fused_dwconv3x3
 from .layers import ConvPatchEmbed, DropPath, Mlp, check_pale_size
 from .pale_attention import PSAttention
 from .pyramid import PyramidBackbone
@@ -41,11 +42,15 @@ class PaleBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        cpe = self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        if torch.is_grad_enabled() or not cpe.is_contiguous() or cpe.dtype != x.dtype:
-            x = x + cpe  # (under autocast the conv output is bf16/fp16: the sum promotes)
-        else:  # inference: add in place into the fresh conv output (x + cpe, the same sum)
-            x = cpe.add_(x)
+        if can_fuse_dwconv(x, self.cpe.weight, self.cpe.bias):
+            # fp32 CPU inference: x + CPE(x) in one pass (pale_mm/csrc/dwconv_cpu.cpp)
+            x = fused_dwconv3x3(x, self.cpe.weight, self.cpe.bias, residual=True)[0]
+        else:
+            cpe = self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            if torch.is_grad_enabled() or not cpe.is_contiguous() or cpe.dtype != x.dtype:
+                x = x + cpe  # (under autocast the conv output is bf16/fp16: the sum promotes)
+            else:  # inference: add in place into the fresh conv output (x + cpe, the same sum)
+                x = cpe.add_(x)
         if self.training and self.drop_path.drop_prob > 0:
             attn = self.attn(self.norm1(x).view(B, H * W, C), (H, W))
             x = x + self.drop_path(attn.view(B, H, W, C))
