@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pale_mm.models import PSAttention, cpu_attention, pale_attention
+from pale_mm.models import PSAttention, cpu_attention, cpu_dwconv, pale_attention
+from pale_mm.models.pale_transformer import PaleBlock
 from pale_oracle import dense_pale_attention
 from switches import switched_off
 
@@ -217,6 +218,13 @@ def test_failed_build_warns_once_and_falls_back_to_sdpa(fresh_loader):
     with pytest.warns(UserWarning, match='could not be built.*no compiler here'):
         assert not cpu_attention.cpu_attention_available()
     assert not cpu_attention.can_fuse(torch.randn(2, 64), 32)  # no second warning
+    with torch.no_grad():  # the depthwise convs of the same extension fall back too
+        assert not cpu_dwconv.can_fuse_dwconv(torch.randn(1, 4, 4, 16))
+        blk = PaleBlock(64, 2, 7).eval()
+        calls, conv2d = [], F.conv2d
+        fresh_loader.setattr(F, 'conv2d', lambda *a, **k: calls.append(1) or conv2d(*a, **k))
+        out = blk(torch.randn(1, 9, 9, 64))
+    assert len(calls) == 4 and torch.isfinite(out).all()  # the CPE and q, k, v convs
     heads, C = 2, 64
     q, k, v = (torch.randn(1, 14 * 14, C) for _ in range(3))
     out = pale_attention(q, k, v, (14, 14), 7, heads)  # SDPA path, still exact

@@ -85,9 +85,10 @@ def _load():
                 raise RuntimeError(f'{_ENV}=1 but the pale_mm CPU attention kernel cannot be '
                                    f'used: {problem}')
             if _cpu_has_avx512():
-                warnings.warn(f'pale_mm: using F.scaled_dot_product_attention on the CPU '
-                              f'because the fused attention kernel is unavailable: {problem}. '
-                              f'Set {_ENV}=0 to silence this.')
+                warnings.warn(f'pale_mm: using F.scaled_dot_product_attention and F.conv2d '
+                              f'on the CPU because the fused attention and depthwise-conv '
+                              f'kernels are unavailable: {problem}. Set {_ENV}=0 to silence '
+                              f'this.')
     _state.update(loaded=True, ext=ext)
     return ext
 
