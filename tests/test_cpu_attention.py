@@ -30,17 +30,19 @@ def _fp64_reference(q, k, v, scale, grad_out):
 
 
 @needs_kernel
-@pytest.mark.parametrize('shape', [(1, 1, 1, 32), (3, 1, 5, 32), (2, 2, 16, 32), (2, 2, 17, 32),
-                                   (1, 3, 31, 32), (4, 100, 32), (2, 1, 333, 32),
-                                   (2, 1, 896, 32)])
-def test_kernel_matches_float64_sdpa(shape):
+@pytest.mark.parametrize('head_dim', [32, 24])
+@pytest.mark.parametrize('shape', [(1, 1, 1), (3, 1, 5), (2, 2, 16), (2, 2, 17), (1, 3, 31),
+                                   (4, 100), (2, 1, 333), (2, 1, 896)])
+def test_kernel_matches_float64_sdpa(shape, head_dim):
     """Every length class: one key, fewer than a vector (16) of keys, exact vectors,
     a ragged last vector and register tile (8 query rows, 32 keys), several tiles,
-    and batch dims folded. Errors must be at the level of fp32 SDPA's own."""
+    and batch dims folded; at head dim 32 and at 24 (Pale-S; zero-padded to 32
+    inside). Errors must be at the level of fp32 SDPA's own."""
+    shape = shape + (head_dim,)
     q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
     g = torch.randn(shape)
     scale = 0.37
-    assert cpu_attention.can_fuse(q, 32)
+    assert cpu_attention.can_fuse(q, head_dim)
     out = cpu_attention.fused_attention(q, k, v, scale=scale)
     got = (out, *torch.autograd.grad(out, (q, k, v), g))
     sdpa = F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -63,14 +65,17 @@ def test_kernel_softmax_is_stable_for_large_scores():
 
 
 @needs_kernel
+@pytest.mark.parametrize('head_dim', [32, 24])
 @pytest.mark.parametrize('H,W,pale', [(14, 14, 7), (16, 16, 7), (9, 23, (7, 3)), (30, 5, 7)])
-def test_pale_attention_through_kernel_matches_oracle(H, W, pale, monkeypatch):
-    """PS-Attention at head dim 32 in fp32 goes through the kernel (SDPA is never
-    called), and values and gradients match the float64 dense oracle."""
+def test_pale_attention_through_kernel_matches_oracle(H, W, pale, head_dim, monkeypatch):
+    """PS-Attention at head dim 32 or 24 in fp32 goes through the kernel (SDPA is
+    never called), and values and gradients match the float64 dense oracle. At head
+    dim 24 each row of a group is 24 floats of a 96-channel map: the kernel must read
+    and write exactly those (its packed copies are zero-padded to 32)."""
     def no_sdpa(*a, **kw):
         raise AssertionError('SDPA called although the fused kernel applies')
     monkeypatch.setattr(pale_mod.F, 'scaled_dot_product_attention', no_sdpa)
-    heads, C = 4, 4 * 32
+    heads, C = 4, 4 * head_dim
     qkv = [torch.randn(2, H * W, C, requires_grad=True) for _ in range(3)]
     out = pale_attention(*qkv, (H, W), pale, heads)
     ref_in = [t.detach().double().requires_grad_() for t in qkv]
@@ -84,10 +89,12 @@ def test_pale_attention_through_kernel_matches_oracle(H, W, pale, monkeypatch):
 
 
 @needs_kernel
-def test_psattention_module_same_with_and_without_kernel():
-    """Pale-T's block width (64 channels, 2 heads: head dim 32), train and eval."""
-    attn = PSAttention(64, 2, 7)
-    x = torch.randn(2, 20 * 18, 64, requires_grad=True)
+@pytest.mark.parametrize('dim,heads', [(64, 2), (96, 4)])
+def test_psattention_module_same_with_and_without_kernel(dim, heads):
+    """Pale-T's and Pale-S's first-stage widths (64 channels, 2 heads: head dim 32;
+    96 channels, 4 heads: head dim 24), train and eval."""
+    attn = PSAttention(dim, heads, 7)
+    x = torch.randn(2, 20 * 18, dim, requires_grad=True)
     for training in (True, False):
         attn.train(training)
         outs = []
@@ -107,6 +114,7 @@ def test_where_the_kernel_is_not_used():
     q = torch.randn(1, 1, 8, 64)
     assert cpu_attention.can_fuse(q, 32) == AVX512
     assert not cpu_attention.can_fuse(q.double(), 32)           # float64
+    assert cpu_attention.can_fuse(q, 24) == AVX512              # Pale-S
     assert not cpu_attention.can_fuse(q, 16)                    # head dim 16
     assert not cpu_attention.can_fuse(q, 32, 0.1)               # attention dropout
     assert not cpu_attention.can_fuse(q.bfloat16(), 32)         # autocast's dtype
@@ -144,8 +152,11 @@ def test_bad_inputs_named():
     with pytest.raises(ValueError, match='one shape'):
         cpu_attention.fused_attention(torch.randn(1, 4, 32), torch.randn(1, 5, 32),
                                       torch.randn(1, 5, 32))
-    with pytest.raises(ValueError, match='needs head dim 32, got 16'):
+    with pytest.raises(ValueError, match=r'needs a head dim in \(24, 32\), got 16'):
         cpu_attention.fused_attention(*(torch.randn(1, 4, 16) for _ in range(3)))
+    with pytest.raises(ValueError, match=r'serves head dims \(24, 32\), got 16'):
+        cpu_attention.gathered_attention(*(torch.randn(1, 4, 16) for _ in range(3)),
+                                         [torch.arange(0, 64, 16).view(1, 4)], 1., head_dim=16)
     q = torch.randn(2, 8, 32)
     rows = torch.arange(0, 512, 32).view(2, 8)
     bad = rows.clone()
@@ -156,6 +167,13 @@ def test_bad_inputs_named():
         bad[1, 7] = 512  # past the end
         with pytest.raises(RuntimeError, match='offset is out of range'):
             cpu_attention.gathered_attention(q, q, q, [bad], 1., check=False)
+        q24 = torch.randn(2, 8, 24)
+        rows = torch.arange(0, 384, 24).view(2, 8)
+        assert cpu_attention._offsets_ok(q24.numel(), [rows], 24)
+        rows[1, 7] = 368  # in range for rows of 16 floats, not for rows of 24
+        with pytest.raises(RuntimeError, match='offset is out of range'):
+            cpu_attention.gathered_attention(q24, q24, q24, [rows], 1., check=False,
+                                             head_dim=24)
 
 
 def test_env_switch_validated(monkeypatch):

@@ -1,8 +1,9 @@
-// Fused fp32 softmax attention for the CPU at head dim 32 (AVX-512), forward and
-// backward, used by PS-Attention (pale_mm/models/cpu_attention.py).
+// Fused fp32 softmax attention for the CPU at head dims up to 32 (AVX-512), forward
+// and backward, used by PS-Attention (pale_mm/models/cpu_attention.py).
 //
 // Attention runs within sequences of N rows; row r of sequence s lies at element
-// offset offsets[s][r] of the q, k, v and o tensors (32 contiguous floats), so the
+// offset offsets[s][r] of the q, k, v and o tensors (head_dim contiguous floats; the
+// tiles work at 32, a smaller head dim is zero-padded in the packed copies), so the
 // pale groups are gathered from and scattered back to the (B, H, W, C) maps inside
 // the kernel, without grouped copies. Each row of scores (N <= a few
 // thousand for pale groups) is computed whole, so the softmax is exact per row
@@ -24,7 +25,8 @@
 
 namespace {
 
-constexpr int D = 32;   // head dim
+constexpr int D = 32;   // head dim of the register tiles; a real head dim d <= 32 is
+                        // zero-padded to D in the packed copies (same scores and outputs)
 constexpr int MR = 8;   // rows per register tile
 constexpr int MB = 32;  // query rows per backward block (a multiple of MR)
 constexpr int QCHUNK = 128;  // query rows per forward work item
@@ -158,41 +160,50 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
-// Row r of a sequence lies at base + off[r] (D contiguous floats).
-// Kt[D][np] = rows^T, zero in columns [n, np). Blocks of 16 rows are transposed in
-// registers; the last n % 16 rows element by element.
-void pack_transposed(const float* base, const int64_t* off, int n, int np, float* Kt) {
+// Lanes [0, d - h) of the 16 floats at h of a row of d floats.
+inline __mmask16 row_mask(int h, int d) {
+  return d - h >= 16 ? static_cast<__mmask16>(0xFFFF)
+                     : d <= h ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << (d - h)) - 1);
+}
+
+// Row r of a sequence lies at base + off[r] (d <= D contiguous floats).
+// Kt[D][np] = rows^T, zero in columns [n, np) and in rows [d, D). Blocks of 16 rows
+// are transposed in registers; the last n % 16 rows element by element.
+void pack_transposed(const float* base, const int64_t* off, int n, int np, int d, float* Kt) {
   for (int kk = 0; kk < D; kk++) std::fill(Kt + kk * np + n, Kt + (kk + 1) * np, 0.f);
   const int full = n / 16 * 16;
   __m512 r[16];
   for (int j = 0; j < full; j += 16) {
     for (int h = 0; h < D; h += 16) {
-      for (int x = 0; x < 16; x++) r[x] = _mm512_loadu_ps(base + off[j + x] + h);
+      const __mmask16 m = row_mask(h, d);
+      for (int x = 0; x < 16; x++) r[x] = _mm512_maskz_loadu_ps(m, base + off[j + x] + h);
       transpose16(r);
       for (int x = 0; x < 16; x++) _mm512_storeu_ps(Kt + (h + x) * np + j, r[x]);
     }
   }
   for (int j = full; j < n; j++) {
     const float* row = base + off[j];
-    for (int kk = 0; kk < D; kk++) Kt[kk * np + j] = row[kk];
+    for (int kk = 0; kk < D; kk++) Kt[kk * np + j] = kk < d ? row[kk] : 0.f;
   }
 }
 
-// dst[i][D] = mul * row i (at base + off[i]) for i < rows; zero for i in [rows, pad_rows).
-void gather_rows(const float* base, const int64_t* off, int rows, int pad_rows, float mul,
-                 float* dst) {
+// dst[i][D] = mul * row i (d floats at base + off[i], zero-padded to D) for i < rows;
+// zero for i in [rows, pad_rows).
+void gather_rows(const float* base, const int64_t* off, int rows, int pad_rows, int d,
+                 float mul, float* dst) {
   for (int i = 0; i < rows; i++) {
     const float* row = base + off[i];
-    for (int x = 0; x < D; x++) dst[i * D + x] = row[x] * mul;
+    for (int x = 0; x < d; x++) dst[i * D + x] = row[x] * mul;
+    std::fill(dst + i * D + d, dst + (i + 1) * D, 0.f);
   }
   std::fill(dst + rows * D, dst + pad_rows * D, 0.f);
 }
 
-// rows i < rows of src[i][D] * mul -> base + off[i].
-void scatter_rows(const float* src, int rows, float mul, float* base, const int64_t* off) {
+// the first d floats of rows i < rows of src[i][D], times mul -> base + off[i].
+void scatter_rows(const float* src, int rows, int d, float mul, float* base, const int64_t* off) {
   for (int i = 0; i < rows; i++) {
     float* row = base + off[i];
-    for (int x = 0; x < D; x++) row[x] = src[i * D + x] * mul;
+    for (int x = 0; x < d; x++) row[x] = src[i * D + x] * mul;
   }
 }
 
@@ -220,7 +231,8 @@ void softmax_rows(float* S, int n, int np, const float* row_max, float* row_sum)
   }
 }
 
-void check_inputs(const std::vector<torch::Tensor>& maps, const torch::Tensor& offsets) {
+void check_inputs(const std::vector<torch::Tensor>& maps, const torch::Tensor& offsets, int64_t d) {
+  TORCH_CHECK(d >= 1 && d <= D, "pale_mm attention_cpu: head dim must be in [1, ", D, "], got ", d);
   for (const auto& t : maps)
     TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
                     t.numel() == maps[0].numel(),
@@ -229,7 +241,7 @@ void check_inputs(const std::vector<torch::Tensor>& maps, const torch::Tensor& o
               "pale_mm attention_cpu: offsets must be a contiguous (S, N) int64 tensor");
   if (offsets.numel()) {
     const int64_t lo = offsets.min().item<int64_t>(), hi = offsets.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi + D <= maps[0].numel(),
+    TORCH_CHECK(lo >= 0 && hi + d <= maps[0].numel(),
                 "pale_mm attention_cpu: a row offset is out of range of the tensors");
   }
 }
@@ -237,11 +249,13 @@ void check_inputs(const std::vector<torch::Tensor>& maps, const torch::Tensor& o
 }  // namespace
 
 // Attention within each sequence s of N rows; row r of sequence s of q, k, v and o
-// lies at offsets[s][r] (head dim 32, contiguous). Writes those rows of o and
-// returns the row log-sum-exp (S, N).
+// lies at offsets[s][r] (head_dim <= 32 contiguous floats). Writes those rows of o
+// and returns the row log-sum-exp (S, N).
 torch::Tensor attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                torch::Tensor o, torch::Tensor offsets, double scale) {
-  check_inputs({q, k, v, o}, offsets);
+                                torch::Tensor o, torch::Tensor offsets, double scale,
+                                int64_t head_dim) {
+  check_inputs({q, k, v, o}, offsets, head_dim);
+  const int d = static_cast<int>(head_dim);
   const int64_t S = offsets.size(0);
   const int n = static_cast<int>(offsets.size(1));
   auto lse = torch::empty({S, n}, q.options());
@@ -265,14 +279,14 @@ torch::Tensor attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor 
       const int c = static_cast<int>(w % chunks);
       const int64_t* off = offp + s * n;
       if (s != packed) {
-        pack_transposed(kp, off, n, np, Kt.data());
-        gather_rows(vp, off, n, n, 1.f, V.data());
+        pack_transposed(kp, off, n, np, d, Kt.data());
+        gather_rows(vp, off, n, n, d, 1.f, V.data());
         packed = s;
       }
       const int r1 = std::min(n, (c + 1) * QCHUNK);
       for (int r0 = c * QCHUNK; r0 < r1; r0 += MR) {
         const int mr = std::min(MR, r1 - r0);
-        gather_rows(qp, off + r0, mr, MR, sc2, Qs);  // scores in log2 units
+        gather_rows(qp, off + r0, mr, MR, d, sc2, Qs);  // scores in log2 units
         gemm_abt<true>(Qs, Kt.data(), np, np, Sc.data(), np, n, mx);
         softmax_rows(Sc.data(), n, np, mx, sum);
         gemm_ab(Sc.data(), np, 1, V.data(), n, Ot, false);
@@ -280,7 +294,7 @@ torch::Tensor attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor 
           inv[i] = 1.f / sum[i];
           lp[s * n + r0 + i] = (mx[i] + std::log2(sum[i])) * kLn2;  // natural log
           float* row = op + off[r0 + i];
-          for (int x = 0; x < D; x++) row[x] = Ot[i * D + x] * inv[i];
+          for (int x = 0; x < d; x++) row[x] = Ot[i * D + x] * inv[i];
         }
       }
     }
@@ -292,8 +306,9 @@ torch::Tensor attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor 
 void attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
                         torch::Tensor v, torch::Tensor o, torch::Tensor lse,
                         torch::Tensor offsets, double scale, torch::Tensor dq, torch::Tensor dk,
-                        torch::Tensor dv) {
-  check_inputs({grad_out, q, k, v, o, dq, dk, dv}, offsets);
+                        torch::Tensor dv, int64_t head_dim) {
+  check_inputs({grad_out, q, k, v, o, dq, dk, dv}, offsets, head_dim);
+  const int d = static_cast<int>(head_dim);
   const int64_t S = offsets.size(0);
   const int n = static_cast<int>(offsets.size(1));
   TORCH_CHECK(lse.is_contiguous() && lse.dim() == 2 && lse.size(0) == S && lse.size(1) == n,
@@ -318,17 +333,17 @@ void attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k
     float dQt[MR * D];
     for (int64_t s = s0; s < s1; s++) {
       const int64_t* off = offp + s * n;
-      pack_transposed(kp, off, n, np, Kt.data());
-      pack_transposed(vp, off, n, np, Vt.data());
-      gather_rows(kp, off, n, n, 1.f, K.data());
+      pack_transposed(kp, off, n, np, d, Kt.data());
+      pack_transposed(vp, off, n, np, d, Vt.data());
+      gather_rows(kp, off, n, n, d, 1.f, K.data());
       std::fill(dK.begin(), dK.end(), 0.f);
       std::fill(dV.begin(), dV.end(), 0.f);
       for (int r0 = 0; r0 < n; r0 += MB) {
         const int mb = std::min(MB, n - r0);
         const int mbp = round_up(mb, MR);
-        gather_rows(qp, off + r0, mb, MB, sc, Qs.data());
-        gather_rows(gp, off + r0, mb, MB, 1.f, G.data());
-        gather_rows(op, off + r0, mb, MB, 1.f, O.data());
+        gather_rows(qp, off + r0, mb, MB, d, sc, Qs.data());
+        gather_rows(gp, off + r0, mb, MB, d, 1.f, G.data());
+        gather_rows(op, off + r0, mb, MB, d, 1.f, O.data());
         for (int t = 0; t < mbp; t += MR) {
           float* Pt = P.data() + static_cast<size_t>(t) * np;
           float* dSt = dS.data() + static_cast<size_t>(t) * np;
@@ -354,15 +369,15 @@ void attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k
             }
           }
           gemm_ab(dSt, np, 1, K.data(), n, dQt, false);
-          scatter_rows(dQt, std::min(MR, n - r0 - t), sc, dqp, off + r0 + t);
+          scatter_rows(dQt, std::min(MR, n - r0 - t), d, sc, dqp, off + r0 + t);
         }
         for (int j = 0; j < np; j += MR) {
           gemm_ab(P.data() + j, 1, np, G.data(), mbp, dV.data() + static_cast<size_t>(j) * D, true);
           gemm_ab(dS.data() + j, 1, np, Qs.data(), mbp, dK.data() + static_cast<size_t>(j) * D, true);
         }
       }
-      scatter_rows(dK.data(), n, 1.f, dkp, off);
-      scatter_rows(dV.data(), n, 1.f, dvp, off);
+      scatter_rows(dK.data(), n, d, 1.f, dkp, off);
+      scatter_rows(dV.data(), n, d, 1.f, dvp, off);
     }
   });
 }
@@ -375,6 +390,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dwconv3x3", &dwconv3x3_nhwc,
         "depthwise 3x3 convs (stride 1, padding 1) of a channels-last fp32 map, T = 1 or 3 "
         "weight sets in one pass (inference)");
-  m.def("forward", &attention_forward, "fused attention forward over gathered rows (fp32, head dim 32)");
-  m.def("backward", &attention_backward, "fused attention backward over gathered rows (fp32, head dim 32)");
+  m.def("forward", &attention_forward, "fused attention forward over gathered rows (fp32, head dim <= 32)");
+  m.def("backward", &attention_backward, "fused attention backward over gathered rows (fp32, head dim <= 32)");
 }

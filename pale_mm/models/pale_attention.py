@@ -131,7 +131,7 @@ def _token_offsets(shape, sizes: Tuple[int, int], heads: int) -> Tuple[torch.Ten
             token = (b * H + line) * W + along if branch == 0 else (b * H + along) * W + line
             by_length.setdefault(n * other, []).append((token * C + chans).view(-1, n * other))
     offsets = tuple(torch.cat(parts) for parts in by_length.values())
-    if not _offsets_ok(B * H * W * C, offsets):
+    if not _offsets_ok(B * H * W * C, offsets, d):
         raise RuntimeError(f'pale_mm: internal error: the pale groups of a map of shape '
                            f'{shape} do not cover every token once')
     return offsets
@@ -271,17 +271,18 @@ def pale_attention_nhwc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Every element of q, k and v is copied once into the grouped layout of its part
     (:func:`_group_parts`), each SDPA buffer (one part, or a row part and its equal
     column part: :func:`_layout`) is one SDPA call, and each output element is copied
-    once back; the backward mirrors this. On fp32 CPU tensors at head dim 32,
+    once back; the backward mirrors this. On fp32 CPU tensors at head dim 24 or 32,
     :mod:`.cpu_attention`'s fused kernel computes the same function instead: it
     gathers each group's rows from the maps and scatters the output back itself
     (:func:`_token_offsets`), so there are no grouped copies at all."""
     heads = num_heads // 2
     sizes = tuple(pale_size)
     shape = tuple(int(s) for s in q.shape)  # plain ints, also under jit tracing
-    scale = (shape[-1] // num_heads) ** -0.5
-    if can_fuse(q, shape[-1] // num_heads, attn_drop):  # fp32 CPU, head dim 32
+    head_dim = shape[-1] // num_heads
+    scale = head_dim ** -0.5
+    if can_fuse(q, head_dim, attn_drop):  # fp32 CPU, head dim 24 or 32
         return gathered_attention(q, k, v, _token_offsets(shape, sizes, heads), scale,
-                                  check=False)  # checked once per shape when built
+                                  check=False, head_dim=head_dim)  # checked once per shape
     autograd = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     grouped = _PaleGroup.apply(shape, sizes, heads, q, k, v) if autograd \
         else _group(shape, sizes, heads, q, k, v)
