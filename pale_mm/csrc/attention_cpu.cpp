@@ -55,9 +55,11 @@ constexpr float kLn2 = 0.6931471805599453f;
 // exp(x) for finite x <= 0.
 inline __m512 exp_ps(__m512 x) { return exp2_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e))); }
 
-// Lanes of the 16-column block at j that are real keys (columns < n); j < n.
+// Lanes of the 16-wide block at j that lie below n: the real keys (columns < n) of a
+// block of score columns, or the real floats of a row of n floats.
 inline __mmask16 key_mask(int j, int n) {
-  return n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
+  return n - j >= 16 ? static_cast<__mmask16>(0xFFFF)
+                     : n <= j ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << (n - j)) - 1);
 }
 
 // C[MR][ldc] = A[MR][D] (row stride D) x Bt[D][ldb], columns [0, np), np % 16 == 0.
@@ -160,12 +162,6 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
-// Lanes [0, d - h) of the 16 floats at h of a row of d floats.
-inline __mmask16 row_mask(int h, int d) {
-  return d - h >= 16 ? static_cast<__mmask16>(0xFFFF)
-                     : d <= h ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << (d - h)) - 1);
-}
-
 // Row r of a sequence lies at base + off[r] (d <= D contiguous floats).
 // Kt[D][np] = rows^T, zero in columns [n, np) and in rows [d, D). Blocks of 16 rows
 // are transposed in registers; the last n % 16 rows element by element.
@@ -175,7 +171,7 @@ void pack_transposed(const float* base, const int64_t* off, int n, int np, int d
   __m512 r[16];
   for (int j = 0; j < full; j += 16) {
     for (int h = 0; h < D; h += 16) {
-      const __mmask16 m = row_mask(h, d);
+      const __mmask16 m = key_mask(h, d);
       for (int x = 0; x < 16; x++) r[x] = _mm512_maskz_loadu_ps(m, base + off[j + x] + h);
       transpose16(r);
       for (int x = 0; x < 16; x++) _mm512_storeu_ps(Kt + (h + x) * np + j, r[x]);
