@@ -108,11 +108,18 @@ def set_cpu_attention(enabled: bool) -> bool:
     return previous
 
 
+def _tracing_or_compiling() -> bool:
+    """Under torch.compile, jit tracing (the FLOP counter) or scripting, where the
+    extension's kernels must not be called; ask this before any other check, which
+    would break the graph or the trace."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
 def can_fuse(x: torch.Tensor, head_dim: int, dropout_p: float = 0.) -> bool:
     """Whether the fused kernel serves attention of head dim ``head_dim`` on tensors
     like ``x``."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return False  # first: the checks below would break the graph or the trace
+    if _tracing_or_compiling():
+        return False
     return bool(_state['enabled'] and dropout_p == 0. and x.device.type == 'cpu'
                 and x.dtype == torch.float32 and int(head_dim) in HEAD_DIMS
                 and _load() is not None)

@@ -20,7 +20,7 @@ from typing import List, Optional
 import torch
 
 from . import cpu_attention
-from .layers import _autocast_on
+from .layers import _autocast_on, _needs_grad
 
 __all__ = ['can_fuse_dwconv', 'set_fused_dwconv', 'fused_dwconv3x3']
 
@@ -37,11 +37,9 @@ def set_fused_dwconv(enabled: bool) -> bool:
 def can_fuse_dwconv(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     """Whether :func:`fused_dwconv3x3` serves the map ``x`` with these parameters:
     inference (no gradient needed), fp32 CPU, outside autocast, tracing and compile."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return False  # first: the checks below would break the graph or the trace
-    tensors = (x,) + tuple(p for p in params if p is not None)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if cpu_attention._tracing_or_compiling() or _needs_grad(x, *params):
         return False
+    tensors = (x,) + tuple(p for p in params if p is not None)
     return bool(_enabled[0] and x.device.type == 'cpu' and x.dim() == 4
                 and all(t.dtype == torch.float32 for t in tensors)
                 and not _autocast_on() and cpu_attention._load() is not None)

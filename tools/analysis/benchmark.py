@@ -378,16 +378,17 @@ def bench_memory(args, device, bar):
         slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
         icpt = my - slope * mx
         probes = [dict(side=int(math.sqrt(a)), peak_mb=b / 2 ** 20) for a, b in pts]
-        rec = dict(probes=probes, bytes_per_pixel=slope, budget_gb=args.mem_budget_gb,
-                   method='linear fit of measured forward peaks (extrapolated)')
         if slope > 0:
-            rec['max_side'] = int(math.sqrt(max(budget - icpt, 0) / slope))
+            side = int(math.sqrt(max(budget - icpt, 0) / slope))
+            method = 'linear fit of measured forward peaks (extrapolated)'
         else:  # small inputs: a fresh process's fixed ~30 MB hides the activations
-            rec['max_side'] = None
-            rec['method'] = 'no fit: the forward peaks did not grow with the input ' + \
+            side = None
+            method = 'no fit: the forward peaks did not grow with the input ' + \
                 ', '.join(f"({p['side']} px: {p['peak_mb']:.1f} MB)" for p in probes) + \
                 '; probe larger --mem-probe sizes'
-        res['max_square'][name] = rec
+        res['max_square'][name] = dict(probes=probes, bytes_per_pixel=slope,
+                                       budget_gb=args.mem_budget_gb, max_side=side,
+                                       method=method)
         bar.update(1)
     return res
 
