@@ -1,6 +1,6 @@
 # Mask R-CNN + FPN with Pale-T on COCO, 1x schedule (12 epochs), single scale
 # (1333, 800), batch 16 (8 GPUs x 2).
-# Recipe (shared/design/pale.md, the Swin/CSWin protocol): AdamW lr 1e-4, betas
+# Recipe (docs/pale_transformer.md, the Swin/CSWin protocol): AdamW lr 1e-4, betas
 # (0.9, 0.999), weight decay 0.05 and none on norm layers; linear warm-up over 1000
 # iterations; steps at epochs 8 and 11; drop path 0.2 (Pale-T), 0.3 (Pale-S),
 # 0.5 (Pale-B) (the paper gives no value; ours).

@@ -1,5 +1,5 @@
 # UperNet + Pale-T on ADE20K, 512x512 crops, 160k iterations, batch 16 (8 GPUs x 2).
-# Recipe (shared/design/pale.md, the Swin/CSWin protocol): AdamW lr 6e-5, betas
+# Recipe (docs/pale_transformer.md, the Swin/CSWin protocol): AdamW lr 6e-5, betas
 # (0.9, 0.999), weight decay 0.01 and none on norm layers; linear warm-up over 1500
 # iterations, then poly decay (power 1.0); FCN auxiliary head on stage 3 (loss weight
 # 0.4); drop path 0.3 (Pale-T), 0.4 (Pale-S), 0.6 (Pale-B).
