@@ -2,7 +2,11 @@
 
 Thin glue only: the models are ``pale_mm.models.*Classifier``. No weights ship
 with this project, so ``pretrained_cfg`` carries no URL; point timm at a local
-file with ``pretrained_cfg_overlay=dict(file=PATH)``.
+file with ``pretrained_cfg_overlay=dict(file=PATH)`` (official LIT / ScalableViT
+checkpoints load as they are: the filter below unwraps them and lets the model fit
+them, e.g. LIT's ``relative_position_index`` buffers are checked and dropped).
+``lit_ti`` is a class-token model (``forward_features`` returns a token sequence),
+a "non-standard" model in the terms of timm's tests, like ViT.
 """
 import warnings
 
@@ -13,6 +17,7 @@ with warnings.catch_warnings():
     from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from .models import LITClassifier, PaleClassifier, ScalableViTClassifier
+from .models.checkpoint import unwrap_state_dict
 
 
 def _cfg(**kwargs):
@@ -39,10 +44,17 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def checkpoint_filter_fn(state_dict: dict, model) -> dict:
+    """timm's ``pretrained_filter_fn``: the state dict inside an official or
+    mmengine checkpoint (``model`` / ``state_dict`` wrappers, ``module.`` prefixes),
+    adapted by the model (resized LIT tables, checked and dropped index buffers)."""
+    return model._adapt_state_dict(unwrap_state_dict(state_dict))
+
+
 def _create(cls, variant: str, arch: str, pretrained: bool = False, **kwargs):
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     return build_model_with_cfg(
-        cls, variant, pretrained, arch=arch,
+        cls, variant, pretrained, arch=arch, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls='getter', out_indices=out_indices), **kwargs)
 
 

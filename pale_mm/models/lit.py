@@ -20,21 +20,53 @@ Two layouts, both with the official parameter names (official checkpoints load b
   embeddings, bilinearly interpolated to the run-time size; ``pos_embed4`` has one
   extra slot for the classifier's class token), ``block{1-4}.{j}``; the classifier
   adds ``cls_token``, ``norm`` and ``head`` and classifies the class token.
+
+Official LIT-S/M/B classification checkpoints also hold each attention's
+``relative_position_index`` buffer. This code computes the index instead: loading
+(``load_state_dict``, ``init_cfg``, timm) checks that a checkpoint's index equals the
+computed one and drops it (a ``ValueError`` names the key and the shapes otherwise).
+
+Relative position tables at other sizes, as the official detection code does it:
+the tables are sized for ``pretrain_img_size`` (the official detection backbone sizes
+them for 800 px, its segmentation backbone for 512 px); loading a checkpoint with
+other tables (27x27 from 224-px classification) resizes them bicubically to that size,
+and each forward resizes them again, bicubically, to ``(2H-1, 2W-1)`` for the
+run-time ``H x W`` grid. The configs set ``pretrain_img_size`` as the official code
+does (800 for Mask R-CNN, 512 for UperNet), so the two resizes match it.
+``pretrain_img_size=224`` keeps the checkpoint's tables and resizes once, from the
+224-px tables straight to the run-time grid (same result at 224 input, different at
+other sizes).
+
+The forward is traceable with ``torch.fx`` (timm's feature extraction): the few
+shape-dependent steps are functions wrapped with ``torch.fx.wrap``.
 """
 import math
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model.weight_init import trunc_normal_
 
+from .arch import SIZE_ALIASES, drop_path_rates, parse_arch
 from .classifier import ClassifierMixin
 from .layers import ConvPatchEmbed, DropPath, Mlp, check_image
-from .pyramid import PyramidBackbone
+from .pyramid import PyramidBackbone, pad_to_multiple
+
+torch.fx.wrap('pad_to_multiple')
 
 __all__ = ['DeformConv2dPack', 'DeformableTokenMerging', 'LITAttention', 'LITBlock',
            'LITMLPBlock', 'LIT', 'LITClassifier']
+
+
+@torch.fx.wrap
+def deform_conv(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias,
+                stride: int, padding: int) -> torch.Tensor:
+    """torchvision's DCNv1 (``torchvision.ops.deform_conv2d``), an FX leaf: its
+    argument checks branch on the input's shape."""
+    from torchvision.ops import deform_conv2d
+    return deform_conv2d(x, offset, weight, bias, stride=stride, padding=padding)
 
 
 class DeformConv2dPack(nn.Module):
@@ -61,12 +93,10 @@ class DeformConv2dPack(nn.Module):
         nn.init.zeros_(self.conv_offset.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torchvision.ops import deform_conv2d
         # torchvision's CPU kernel crashes (segfault) on NaN sampling positions: a NaN
         # input must give NaN outputs, not kill the process, so NaN offsets become 0.
         offset = torch.nan_to_num(self.conv_offset(x), nan=0.).to(x.dtype)
-        return deform_conv2d(x, offset, self.weight, self.bias,
-                             stride=self.stride, padding=self.padding)
+        return deform_conv(x, offset, self.weight, self.bias, self.stride, self.padding)
 
 
 class DeformableTokenMerging(nn.Module):
@@ -81,10 +111,7 @@ class DeformableTokenMerging(nn.Module):
         self.act_layer = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[1:3]
-        x = x.permute(0, 3, 1, 2)
-        if H % 2 or W % 2:
-            x = F.pad(x, (0, W % 2, 0, H % 2))
+        x = pad_to_multiple(x.permute(0, 3, 1, 2), 2)
         x = self.act_layer(self.norm_layer(self.dconv(x)))
         return x.permute(0, 2, 3, 1)
 
@@ -96,6 +123,70 @@ def relative_position_index(H: int, W: int, device=None) -> torch.Tensor:
     coords = coords.flatten(1)
     rel = coords[:, :, None] - coords[:, None, :]
     return (rel[0] + H - 1) * (2 * W - 1) + (rel[1] + W - 1)
+
+
+def resize_rel_pos_table(table: torch.Tensor, src: Tuple[int, int],
+                         dst: Tuple[int, int]) -> torch.Tensor:
+    """A ``((2h-1)(2w-1), nH)`` relative position table for an ``h x w`` grid
+    (``src``), bicubically resized for a ``dst`` grid (``align_corners=False``, as
+    the official code); returned unchanged when the grids are equal."""
+    if tuple(src) == tuple(dst):
+        return table
+    (h, w), (H, W) = src, dst
+    grid = table.t().reshape(1, -1, 2 * h - 1, 2 * w - 1)
+    grid = F.interpolate(grid, size=(2 * H - 1, 2 * W - 1), mode='bicubic',
+                         align_corners=False)
+    return grid.reshape(table.shape[1], -1).t()
+
+
+@torch.fx.wrap
+def rel_pos_bias(table: torch.Tensor, rel_pos_size: Tuple[int, int],
+                 x: torch.Tensor) -> torch.Tensor:
+    """``(num_heads, H*W, H*W)`` bias for the ``(B, H, W, C)`` map ``x`` from a table
+    sized for ``rel_pos_size``, resized to the run-time grid (FX leaf: the sizes are
+    data)."""
+    if x.dim() != 4:
+        raise ValueError(f'relative position bias needs a (B, H, W, C) map, got shape '
+                         f'{tuple(x.shape)}')
+    H, W = x.shape[1], x.shape[2]
+    table = resize_rel_pos_table(table, rel_pos_size, (H, W))
+    index = relative_position_index(H, W, table.device)
+    return table[index.view(-1)].t().reshape(-1, H * W, H * W)
+
+
+@torch.fx.wrap
+def abs_pos_embed(pos: torch.Tensor, grid: int, x: torch.Tensor) -> torch.Tensor:
+    """``(1, H, W, C)`` absolute position embedding for the ``(B, H, W, C)`` map ``x``
+    from a ``(1, grid*grid, C)`` one, bilinearly resized when the grids differ."""
+    H, W = x.shape[1], x.shape[2]
+    pos = pos.reshape(1, grid, grid, -1)
+    if (grid, grid) != (H, W):
+        pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(H, W), mode='bilinear',
+                            align_corners=False).permute(0, 2, 3, 1)
+    return pos
+
+
+def check_rel_pos_index(key: str, index: torch.Tensor, table: Optional[torch.Tensor]):
+    """Check an official checkpoint's ``relative_position_index`` buffer ``key``
+    against the index this code computes for its grid (the grid of the table stored
+    next to it, or the square grid of its size); ``ValueError`` naming the key and the
+    shapes if they differ."""
+    n = index.shape[0] if index.dim() == 2 else -1
+    grids = [(h, n // h) for h in range(1, n + 1) if n % h == 0]
+    if table is not None:
+        grids = [(h, w) for h, w in grids if (2 * h - 1) * (2 * w - 1) == table.shape[0]]
+    else:
+        grids = [(h, w) for h, w in grids if h == w]
+    expected = relative_position_index(*grids[0]) if grids else None
+    if expected is None or index.shape != expected.shape or \
+            not torch.equal(index.to('cpu', torch.long), expected):
+        want = tuple(expected.shape) if expected is not None else \
+            f'(h*w, h*w) for a table of {tuple(table.shape) if table is not None else "?"}'
+        what = 'shape' if expected is None or index.shape != expected.shape else 'values'
+        raise ValueError(f'checkpoint key {key}: relative_position_index of shape '
+                         f'{tuple(index.shape)} differs in {what} from the index this model '
+                         f'computes (shape {want}); it is not an official LIT checkpoint '
+                         f'or was saved by other code')
 
 
 class LITAttention(nn.Module):
@@ -122,31 +213,31 @@ class LITAttention(nn.Module):
 
     def position_bias(self, H: int, W: int) -> torch.Tensor:
         """``(num_heads, H*W, H*W)`` bias for an ``H x W`` map."""
-        h, w = self.rel_pos_size
-        table = self.relative_position_bias_table.t().reshape(1, self.num_heads,
-                                                              2 * h - 1, 2 * w - 1)
-        if (h, w) != (H, W):
-            table = F.interpolate(table, size=(2 * H - 1, 2 * W - 1), mode='bicubic',
-                                  align_corners=False)
-        table = table.reshape(self.num_heads, -1)
-        index = relative_position_index(H, W, table.device)
-        return table[:, index.view(-1)].view(self.num_heads, H * W, H * W)
+        table = self.relative_position_bias_table
+        return rel_pos_bias(table, self.rel_pos_size, table.new_empty(0, H, W, 0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + 'relative_position_index'
+        if key in state_dict:  # official checkpoints: check, then drop
+            check_rel_pos_index(key, state_dict[key],
+                                state_dict.get(prefix + 'relative_position_bias_table'))
+            del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         B, C = shape[0], shape[-1]
-        x = x.reshape(B, -1, C)
-        N = x.shape[1]
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        x2 = x.reshape(B, -1, C)
+        N = x2.shape[1]
+        q, k, v = self.qkv(x2).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         bias = None
         if self.rel_pos_size is not None:
-            if len(shape) != 4:
-                raise ValueError('relative position bias needs a (B, H, W, C) map')
-            bias = self.position_bias(shape[1], shape[2]).unsqueeze(0).to(q.dtype)
-        x = F.scaled_dot_product_attention(
+            bias = rel_pos_bias(self.relative_position_bias_table, self.rel_pos_size,
+                                x).unsqueeze(0).to(q.dtype)
+        out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.)
-        x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
-        return x.view(shape)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+        return out.view(shape)
 
 
 class LITMLPBlock(nn.Module):
@@ -224,7 +315,7 @@ class LIT(PyramidBackbone):
                  drop_path_rate: float = 0.1, out_indices: Sequence[int] = (0, 1, 2, 3),
                  frozen_stages: int = -1, norm_eval: bool = False, with_cp: bool = False,
                  pretrained=None, init_cfg=None):
-        arch = self._parse_arch(arch)
+        arch = self.parse_arch(arch)
         self.embed_dims: List[int] = arch['embed_dims']
         self.depths: List[int] = arch['depths']
         self.num_heads: List[int] = arch['num_heads']
@@ -244,7 +335,7 @@ class LIT(PyramidBackbone):
             self.pretrain_grids.append(grid)
             grid = -(-grid // 2)
 
-        dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        dpr = drop_path_rates(drop_path_rate, self.depths)
         cursor, stages = 0, []
         for i, (dim, depth) in enumerate(zip(self.embed_dims, self.depths)):
             blocks = []
@@ -262,6 +353,7 @@ class LIT(PyramidBackbone):
             cursor += depth
 
         S = self.num_stages
+        self.cls_stage = S  # the stage a classifier's class token joins (LIT-Ti)
         if self.abs_pos_embed:  # LIT-Ti, PVT layout
             for k in range(1, S + 1):
                 dim = self.embed_dims[k - 1]
@@ -286,54 +378,28 @@ class LIT(PyramidBackbone):
         self._finish_init(self.norm_eps)
 
     # ------------------------------------------------------------------ config
+    arch_aliases = {'tiny': 'ti', 't': 'ti', 'small': 's', 'medium': 'm', 'base': 'b'}
+
     @classmethod
-    def _parse_arch(cls, arch) -> dict:
-        arch = cls._lookup_arch(arch, ('embed_dims', 'depths', 'num_heads'))
-        unknown = set(arch) - {'embed_dims', 'depths', 'num_heads', 'mlp_ratios', 'has_msa',
-                               'pos_embed', 'norm_eps'}
-        if unknown:
-            raise ValueError(f'unknown arch keys {sorted(unknown)}')
-        depths = list(arch['depths'])
-        n = len(depths)
-
-        def per_stage(value, name):
-            value = [value] * n if not isinstance(value, (list, tuple)) else list(value)
-            if len(value) != n:
-                raise ValueError(f'arch {name} {value} must have one entry per stage ({n})')
-            return value
-
-        dims = arch['embed_dims']
-        dims = [dims * 2 ** i for i in range(n)] if isinstance(dims, int) else list(dims)
-        if not n or len(dims) != n:
-            raise ValueError(f'arch embed_dims {dims}, depths {depths} and num_heads '
-                             f'must have one entry per stage')
-        heads = per_stage(arch['num_heads'], 'num_heads')
-        mlp = per_stage(arch.get('mlp_ratios', 4.), 'mlp_ratios')
-        msa = per_stage(arch.get('has_msa', [i >= n - 2 for i in range(n)]), 'has_msa')
-        for i, (d, h) in enumerate(zip(dims, heads)):
-            if msa[i] and (h < 1 or d % h):
+    def parse_arch(cls, arch) -> dict:
+        """``arch`` (a name, an alias such as ``'small'``, or a dict) as per-stage lists
+        (see :func:`pale_mm.models.arch.parse_arch`)."""
+        arch = parse_arch(
+            arch, cls.arch_zoo, ('embed_dims', 'depths', 'num_heads'), cls.arch_aliases,
+            owner=cls.__name__, scalar_keys=('pos_embed', 'norm_eps'),
+            defaults=dict(mlp_ratios=4., has_msa=lambda n: [i >= n - 2 for i in range(n)],
+                          pos_embed=False, norm_eps=1e-5))
+        for i, (d, h) in enumerate(zip(arch['embed_dims'], arch['num_heads'])):
+            if arch['has_msa'][i] and (h < 1 or d % h):
                 raise ValueError(f'stage {i}: embed dims {d} not divisible by num_heads {h}')
-        return dict(embed_dims=dims, depths=depths, num_heads=heads, mlp_ratios=mlp,
-                    has_msa=[bool(m) for m in msa], pos_embed=bool(arch.get('pos_embed', False)),
-                    norm_eps=float(arch.get('norm_eps', 1e-5)))
+        arch['has_msa'] = [bool(m) for m in arch['has_msa']]
+        arch['pos_embed'] = bool(arch['pos_embed'])
+        arch['norm_eps'] = float(arch['norm_eps'])
+        return arch
 
     # ----------------------------------------------------------------- forward
-    def _pos_embed(self, k: int, H: int, W: int) -> torch.Tensor:
-        """``(1, H, W, C)`` absolute position embedding of stage ``k`` (1-based)."""
-        pos = getattr(self, f'pos_embed{k}')
-        if k == self.num_stages:
-            pos = pos[:, 1:]
-        g = self.pretrain_grids[k - 1]
-        pos = pos.reshape(1, g, g, -1)
-        if (g, g) != (H, W):
-            pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(H, W), mode='bilinear',
-                                align_corners=False).permute(0, 2, 3, 1)
-        return pos
-
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[2:]
-        if H % 4 or W % 4:
-            x = F.pad(x, (0, -W % 4, 0, -H % 4))
+        x = pad_to_multiple(x, 4)
         return (self.patch_embed1 if self.abs_pos_embed else self.patch_embed)(x)
 
     def _forward_stages(self, x: torch.Tensor,
@@ -350,18 +416,29 @@ class LIT(PyramidBackbone):
                     x = self._run_block(blk, x)
                 yield x
             return
-        S = self.num_stages
-        for k in range(1, S + 1):
+        for k in range(1, self.num_stages + 1):
             x = self._stem(x) if k == 1 else getattr(self, f'patch_embed{k}')(x)
-            B, H, W, C = x.shape
-            x = x + self._pos_embed(k, H, W)
-            if k == S and cls_token is not None:
-                pos_cls = getattr(self, f'pos_embed{S}')[:, :1]
-                x = torch.cat([cls_token.expand(B, -1, -1) + pos_cls, x.reshape(B, -1, C)], 1)
+            pos = getattr(self, f'pos_embed{k}')
+            if k == self.cls_stage:
+                pos_cls, pos = pos[:, :1], pos[:, 1:]
+            x = x + abs_pos_embed(pos, self.pretrain_grids[k - 1], x)
+            if k == self.cls_stage and cls_token is not None:
+                x = torch.cat([cls_token.expand(x.shape[0], -1, -1) + pos_cls,
+                               x.flatten(1, 2)], 1)
             x = getattr(self, f'pos_drop{k}')(x)
             for blk in getattr(self, f'block{k}'):
                 x = self._run_block(blk, x)
             yield x
+
+    def _truncate_stages(self, n: int):
+        if self.abs_pos_embed:
+            for k in range(n + 1, self.num_stages + 1):
+                for name in (f'patch_embed{k}', f'pos_embed{k}', f'pos_drop{k}', f'block{k}'):
+                    delattr(self, name)
+        else:
+            self.layers = self.layers[:n]
+            self.layers[n - 1].downsample = None
+        self._keep_stage_attrs(n)
 
     # ------------------------------------------------------------------ freeze
     def _stem_modules(self) -> list:
@@ -381,20 +458,24 @@ class LIT(PyramidBackbone):
 
     # ------------------------------------------------------------------- init
     def _adapt_state_dict(self, state: dict) -> dict:
-        """Resize position embeddings / relative position tables trained for another
-        ``pretrain_img_size``."""
+        """Check and drop official ``relative_position_index`` buffers, resize
+        position embeddings / relative position tables trained for another
+        ``pretrain_img_size`` (the load-time resize of the module docstring)."""
         own = self.state_dict()
         state = dict(state)
+        for key in [k for k in state if k.endswith('attn.relative_position_index')]:
+            table = state.get(key[:-len('relative_position_index')] +
+                              'relative_position_bias_table')
+            check_rel_pos_index(key, state.pop(key), table)
         for key, value in state.items():
             if key not in own or own[key].shape == value.shape:
                 continue
             target = own[key].shape
             if key.endswith('relative_position_bias_table') and value.dim() == 2 and \
                     value.shape[1] == target[1]:
-                s, t = int(math.isqrt(value.shape[0])), int(math.isqrt(target[0]))
-                table = value.t().reshape(1, -1, s, s)
-                table = F.interpolate(table, size=(t, t), mode='bicubic', align_corners=False)
-                state[key] = table.reshape(target[1], -1).t()
+                n = value.shape[0]
+                s, t = (int(math.isqrt(n)) + 1) // 2, (int(math.isqrt(target[0])) + 1) // 2
+                state[key] = resize_rel_pos_table(value, (s, s), (t, t))
             elif key.startswith('pos_embed') and value.dim() == 3:
                 extra = int(key == f'pos_embed{self.num_stages}')
                 s = int(math.isqrt(value.shape[1] - extra))
@@ -408,35 +489,85 @@ class LIT(PyramidBackbone):
 
 class LITClassifier(ClassifierMixin, LIT):
     """ImageNet classifier (timm ``lit_ti`` / ``lit_s`` / ``lit_m`` / ``lit_b``): the
-    LIT body plus ``norm`` and ``head`` (average-pooled for S/M/B; LIT-Ti classifies a
-    class token that joins the last stage, as in the official code)."""
+    LIT body plus ``norm`` and ``head``. LIT-S/M/B average-pool the final map
+    (``forward_features`` returns NHWC maps). LIT-Ti, as the official code, adds a
+    class token that joins the last stage: ``forward_features`` returns the normed
+    ``(B, 1 + H*W/1024, C)`` sequence, class token first (``output_fmt='NLC'``, a
+    non-standard model in timm's terms, like ViT); ``global_pool`` is ``'token'``
+    (default), ``'avg'`` (the patch tokens) or ``''``. Pruning the last stage
+    (``prune_intermediate_layers``) removes the class token with it."""
+    default_arch = 's'
+    default_drop_path_rate = 0.1
 
-    def __init__(self, arch='s', num_classes: int = 1000, in_chans: int = 3,
-                 global_pool: str = 'avg', drop_rate: float = 0., drop_path_rate: float = 0.1,
-                 **kwargs):
-        super().__init__(arch=arch, in_channels=in_chans, drop_path_rate=drop_path_rate,
-                         out_indices=(), **kwargs)
-        self._build_head(num_classes, global_pool, drop_rate)
-        self.norm.eps = self.norm_eps
+    def _init_classifier(self):
+        self.cls_token = None
         if self.abs_pos_embed:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, self.embed_dims[-1]))
             trunc_normal_(self.cls_token, std=.02)
-            if global_pool == 'avg':
-                self.global_pool = 'token'
-        self.apply(self._init_module)
+            self.output_fmt = 'NLC'
+            self.pools = ('token', 'avg', '')
+
+    def _default_pool(self) -> str:
+        return 'token' if self.cls_token is not None else 'avg'
+
+    def _feature_module(self, i: int) -> str:
+        return f'block{i + 1}' if self.abs_pos_embed else f'layers.{i}'
+
+    def _stage_kwargs(self) -> dict:
+        return dict(cls_token=self.cls_token)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image -> final normed map ``(B, H/32, W/32, C)``, or for LIT-Ti the normed
         ``(B, 1 + H*W/1024, C)`` sequence, class token first."""
         check_image(x, self.in_channels, type(self).__name__)
-        cls = self.cls_token if self.global_pool == 'token' else None
-        for feat in self._forward_stages(x, cls_token=cls):
+        for feat in self._forward_stages(x, cls_token=self.cls_token):
             pass
         return self.norm(feat)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def _to_nchw(self, feat: torch.Tensor, i: int, image: torch.Tensor) -> torch.Tensor:
+        if self.cls_token is None or i != self.cls_stage - 1:
+            return super()._to_nchw(feat, i, image)
+        # the class-token stage: its patch tokens, on the ceil(H / 32) x ceil(W / 32) grid
+        s = 2 ** (i + 2)
+        h, w = -(-image.shape[2] // s), -(-image.shape[3] // s)
+        return feat[:, 1:].reshape(feat.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cls_token is None:
+            return super()._pool(x)
         if self.global_pool == 'token':
-            x = x[:, 0] if x.dim() == 3 else x.mean(dim=(1, 2))
-            x = self.head_drop(x)
-            return x if pre_logits else self.head(x)
-        return super().forward_head(x, pre_logits)
+            return x[:, 0]
+        return x[:, 1:].mean(dim=1) if self.global_pool == 'avg' else x
+
+    def _truncate_stages(self, n: int):
+        super()._truncate_stages(n)
+        if self.cls_token is not None and n < self.cls_stage:
+            self.cls_token = None  # it joins the last stage, now removed
+            self.output_fmt = 'NHWC'
+            self.pools = ('avg', '')
+            if self.global_pool == 'token':
+                self.global_pool = 'avg'
+
+    def no_weight_decay(self) -> set:
+        """Position embeddings, class token (LIT-Ti) and relative position tables
+        (LIT-S/M/B), as in the official code."""
+        return {n for n, _ in self.named_parameters()
+                if n.startswith(('pos_embed', 'cls_token')) or
+                n.endswith('relative_position_bias_table')}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        if self.abs_pos_embed:
+            return dict(
+                stem=r'^(?:cls_token|patch_embed1\.|pos_embed1$)',
+                blocks=r'^(?:block|patch_embed|pos_embed)(\d+)' if coarse else [
+                    (r'^block(\d+)\.(\d+)\.', None),
+                    (r'^(?:patch_embed|pos_embed)(\d+)', (0,)),
+                    (r'^norm\.', (99999,)),
+                ])
+        return dict(
+            stem=r'^patch_embed\.',
+            blocks=r'^layers\.(\d+)\.' if coarse else [
+                (r'^layers\.(\d+)\.blocks\.(\d+)\.', None),
+                (r'^layers\.(\d+)\.downsample\.', (99998,)),
+                (r'^norm\.', (99999,)),
+            ])

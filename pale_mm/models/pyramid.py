@@ -17,7 +17,9 @@ import warnings
 from typing import Iterator, List, Sequence
 
 import torch
+import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -27,7 +29,19 @@ from .checkpoint import (allow_namespace_in_checkpoints, load_pretrained,
 from .layers import check_image, checkpoint_block
 
 __all__ = ['PyramidBackbone', 'allow_namespace_in_checkpoints',
-           'load_state_dict_from_checkpoint']
+           'load_state_dict_from_checkpoint', 'pad_to_multiple']
+
+
+@torch.fx.wrap
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad an NCHW map at the bottom and right to a multiple of ``multiple``
+    (``x`` itself when it already is one). A ``torch.fx`` leaf: the branch depends on
+    the input size; a module calling it by name registers it with ``torch.fx.wrap``
+    too."""
+    H, W = x.shape[-2:]
+    if H % multiple or W % multiple:
+        x = F.pad(x, (0, -W % multiple, 0, -H % multiple))
+    return x
 
 
 class PyramidBackbone(BaseModule):
@@ -85,6 +99,28 @@ class PyramidBackbone(BaseModule):
             raise ValueError(f'custom arch dict is missing keys {sorted(missing)}; it needs '
                              f'{keys}')
         return copy.deepcopy(dict(arch))
+
+    # Stage-indexed ModuleLists, cut by ``_truncate_stages``.
+    _stage_lists = ('patch_embeds', 'stages')
+
+    def _truncate_stages(self, n: int):
+        """Keep stages ``0..n-1`` only (``prune_intermediate_layers``): later stages,
+        their merges and output norms are removed."""
+        for name in self._stage_lists:
+            setattr(self, name, getattr(self, name)[:n])
+        self._keep_stage_attrs(n)
+
+    def _keep_stage_attrs(self, n: int):
+        for i in range(n, self.num_stages):
+            if hasattr(self, f'norm{i}'):
+                delattr(self, f'norm{i}')
+        for name in ('embed_dims', 'depths', 'num_heads', 'mlp_ratios', 'has_msa', 'c_ratios',
+                     'sr_ratios', 'window_sizes', 'pale_sizes'):
+            if isinstance(getattr(self, name, None), list):
+                setattr(self, name, getattr(self, name)[:n])
+        self.num_stages = n
+        self.out_indices = tuple(i for i in self.out_indices if i < n)
+        self.frozen_stages = min(self.frozen_stages, n)
 
     def _finish_init(self, norm_eps: float = 1e-5):
         for i in self.out_indices:

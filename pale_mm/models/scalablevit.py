@@ -17,17 +17,24 @@ Parameter names are the official ones (``patch_embeds.{k}.{proj,norm}``,
 ``head``), so official checkpoints (``{'model': ..., 'args': Namespace}``) load via
 ``init_cfg``. The classifier's head is the official MLP head
 ``Linear(C, 4096) -> LayerNorm -> GELU -> Linear(4096, classes)`` (``head.0/1/3``).
+
+The forward is traceable with ``torch.fx``: the size-dependent padding and key mask
+are functions wrapped with ``torch.fx.wrap``.
 """
 import math
-from typing import Iterator, List, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .arch import drop_path_rates, parse_arch
 from .classifier import ClassifierMixin
 from .layers import ConvPatchEmbed, DropPath, Mlp
-from .pyramid import PyramidBackbone
+from .pyramid import PyramidBackbone, pad_to_multiple
+
+torch.fx.wrap('pad_to_multiple')
 
 __all__ = ['IWSA', 'SSA', 'ScalableViTBlock', 'PosCNN', 'ScalableViT',
            'ScalableViTClassifier', 'window_key_mask']
@@ -40,6 +47,26 @@ def window_key_mask(H: int, W: int, ws: int, device=None) -> torch.Tensor:
     valid = torch.zeros(Hp, Wp, dtype=torch.bool, device=device)
     valid[:H, :W] = True
     return valid.view(Hp // ws, ws, Wp // ws, ws).transpose(1, 2).reshape(-1, ws * ws)
+
+
+@torch.fx.wrap
+def pad_windows(x: torch.Tensor, ws: int) -> torch.Tensor:
+    """Zero-pad a ``(B, H, W, C)`` map at the bottom and right to multiples of ``ws``
+    (``x`` itself when it already is one; an FX leaf)."""
+    H, W = x.shape[1], x.shape[2]
+    if H % ws or W % ws:
+        x = F.pad(x, (0, 0, 0, -W % ws, 0, -H % ws))
+    return x
+
+
+@torch.fx.wrap
+def padded_key_mask(x: torch.Tensor, ws: int) -> Optional[torch.Tensor]:
+    """``(nW, 1, 1, ws*ws)`` mask of the real keys of the ``(B, H, W, C)`` map ``x``
+    padded to window multiples, or None when no padding is needed (an FX leaf)."""
+    H, W = x.shape[1], x.shape[2]
+    if H % ws or W % ws:
+        return window_key_mask(H, W, ws, x.device)[:, None, None, :]
+    return None
 
 
 class IWSA(nn.Module):
@@ -58,15 +85,13 @@ class IWSA(nn.Module):
         self.lim_func = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
+        B, H, W, C = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         ws, nh = self.ws, self.num_heads
         qkv = self.qkv(x)
         lim = self.lim_func(qkv[..., 2 * C:].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
-        mask = None
-        if (Hp, Wp) != (H, W):
-            qkv = F.pad(qkv, (0, 0, 0, Wp - W, 0, Hp - H))
-            mask = window_key_mask(H, W, ws, x.device)[:, None, None, :]  # nW,1,1,N
+        mask = padded_key_mask(x, ws)  # nW,1,1,N or None
+        qkv = pad_windows(qkv, ws)
+        Hp, Wp = qkv.shape[1], qkv.shape[2]
         hg, wg = Hp // ws, Wp // ws
         qkv = qkv.view(B, hg, ws, wg, ws, 3, nh, C // nh)
         q, k, v = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, B, hg * wg, nh, ws * ws,
@@ -104,13 +129,10 @@ class SSA(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
+        B, H, W, C = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         nh, N = self.num_heads, H * W
         if self.sr_ratio > 1:
-            r = self.sr_ratio
-            y = x.permute(0, 3, 1, 2)
-            if H % r or W % r:
-                y = F.pad(y, (0, -W % r, 0, -H % r))
+            y = pad_to_multiple(x.permute(0, 3, 1, 2), self.sr_ratio)
             y = self.norm_act(self.reduction(y).flatten(2).transpose(1, 2))
             q = self.q(x).view(B, N, nh, -1).transpose(1, 2)
             k = self.k(y).view(B, -1, nh, self.c_new // nh).transpose(1, 2)
@@ -187,7 +209,7 @@ class ScalableViT(PyramidBackbone):
                  out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
                  norm_eval: bool = False, with_cp: bool = False, pretrained=None,
                  init_cfg=None):
-        arch = self._parse_arch(arch)
+        arch = self.parse_arch(arch)
         self.embed_dims: List[int] = arch['embed_dims']
         self.depths: List[int] = arch['depths']
         self.num_heads: List[int] = arch['num_heads']
@@ -197,7 +219,7 @@ class ScalableViT(PyramidBackbone):
         self.mlp_ratios: List[float] = arch['mlp_ratios']
         super().__init__(in_channels, len(self.depths), out_indices, frozen_stages, norm_eval,
                          with_cp, pretrained, init_cfg)
-        dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        dpr = drop_path_rates(drop_path_rate, self.depths)
         self.patch_embeds = nn.ModuleList()
         self.pos_block = nn.ModuleList()
         self.pos_drops = nn.ModuleList()
@@ -219,34 +241,21 @@ class ScalableViT(PyramidBackbone):
             prev, cursor = dim, cursor + depth
         self._finish_init(self.norm_eps)
 
+    arch_aliases = {'small': 's', 'base': 'b', 'large': 'l'}
+    _stage_lists = ('patch_embeds', 'pos_block', 'pos_drops', 'stages')
+
     @classmethod
-    def _parse_arch(cls, arch) -> dict:
-        arch = cls._lookup_arch(arch, ('embed_dims', 'depths', 'num_heads', 'c_ratios'))
-        unknown = set(arch) - {'embed_dims', 'depths', 'num_heads', 'c_ratios', 'sr_ratios',
-                               'window_sizes', 'mlp_ratios'}
-        if unknown:
-            raise ValueError(f'unknown arch keys {sorted(unknown)}')
-        depths = list(arch['depths'])
-        n = len(depths)
-        if not n:
-            raise ValueError('arch depths must have one entry per stage')
-
-        def per_stage(value, name):
-            value = [value] * n if not isinstance(value, (list, tuple)) else list(value)
-            if len(value) != n:
-                raise ValueError(f'arch {name} {value} must have one entry per stage ({n})')
-            return value
-
-        dims = arch['embed_dims']
-        dims = [dims * 2 ** i for i in range(n)] if isinstance(dims, int) else \
-            per_stage(dims, 'embed_dims')
-        heads = per_stage(arch['num_heads'], 'num_heads')
-        c_ratios = per_stage(arch['c_ratios'], 'c_ratios')
-        sr = per_stage(arch.get('sr_ratios', [2 ** (n - 1 - i) for i in range(n)]),
-                       'sr_ratios')
-        ws = per_stage(arch.get('window_sizes', 7), 'window_sizes')
-        mlp = per_stage(arch.get('mlp_ratios', 4.), 'mlp_ratios')
-        for i in range(n):
+    def parse_arch(cls, arch) -> dict:
+        """``arch`` (a name, an alias such as ``'small'``, or a dict) as per-stage lists
+        (see :func:`pale_mm.models.arch.parse_arch`)."""
+        arch = parse_arch(
+            arch, cls.arch_zoo, ('embed_dims', 'depths', 'num_heads', 'c_ratios'),
+            cls.arch_aliases, owner=cls.__name__,
+            defaults=dict(sr_ratios=lambda n: [2 ** (n - 1 - i) for i in range(n)],
+                          window_sizes=7, mlp_ratios=4.))
+        dims, heads, c_ratios = arch['embed_dims'], arch['num_heads'], arch['c_ratios']
+        sr, ws = arch['sr_ratios'], arch['window_sizes']
+        for i in range(len(dims)):
             d, h = dims[i], heads[i]
             if h < 1 or d % h:
                 raise ValueError(f'stage {i}: embed dims {d} not divisible by num_heads {h}')
@@ -257,8 +266,7 @@ class ScalableViT(PyramidBackbone):
                 raise ValueError(f'stage {i}: window size must be an int >= 2, got {ws[i]!r}')
             if isinstance(sr[i], bool) or not isinstance(sr[i], int) or sr[i] < 1:
                 raise ValueError(f'stage {i}: sr_ratio must be an int >= 1, got {sr[i]!r}')
-        return dict(embed_dims=dims, depths=depths, num_heads=heads, c_ratios=c_ratios,
-                    sr_ratios=sr, window_sizes=ws, mlp_ratios=mlp)
+        return arch
 
     def _forward_stages(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
         for k, (embed, blocks) in enumerate(zip(self.patch_embeds, self.stages)):
@@ -287,36 +295,47 @@ class ScalableViT(PyramidBackbone):
 
 class ScalableViTClassifier(ClassifierMixin, ScalableViT):
     """ImageNet classifier (timm ``scalablevit_s`` / ``_b`` / ``_l``): the body, ``norm``,
-    average pooling and the official MLP head (``plain_head=True``: one Linear)."""
+    average pooling and the official MLP head (``plain_head=True``: one Linear).
+    ``head_hidden_size`` is the MLP's width (4096; pre-logits features); pruning the
+    head (``prune_intermediate_layers``) removes the whole MLP."""
+    default_arch = 's'
+    default_drop_path_rate = 0.2
+    head_defaults = dict(plain_head=False, head_hidden=4096)
 
-    def __init__(self, arch='s', num_classes: int = 1000, in_chans: int = 3,
-                 global_pool: str = 'avg', drop_rate: float = 0., drop_path_rate: float = 0.2,
-                 plain_head: bool = False, head_hidden: int = 4096, **kwargs):
-        super().__init__(arch=arch, in_channels=in_chans, drop_path_rate=drop_path_rate,
-                         out_indices=(), **kwargs)
-        self._build_head(num_classes, global_pool, drop_rate)
-        self.norm.eps = self.norm_eps
-        self.plain_head = plain_head
-        if not plain_head:
-            self.head_hidden_size = head_hidden
-            self.head = nn.Sequential(
-                nn.Linear(self.num_features, head_hidden),
-                nn.LayerNorm(head_hidden, eps=self.norm_eps), nn.GELU(),
-                nn.Linear(head_hidden, num_classes) if num_classes > 0 else nn.Identity())
-        self.apply(self._init_module)
+    def _make_head(self, num_classes: int) -> nn.Module:
+        if self.head_cfg['plain_head']:
+            return super()._make_head(num_classes)
+        dd, hidden = dict(device=self.norm.weight.device, dtype=self.norm.weight.dtype), \
+            self.head_cfg['head_hidden']
+        self.head_hidden_size = hidden
+        return nn.Sequential(
+            nn.Linear(self.num_features, hidden, **dd),
+            nn.LayerNorm(hidden, eps=self.norm_eps, **dd), nn.GELU(),
+            nn.Linear(hidden, num_classes, **dd) if num_classes > 0 else nn.Identity())
 
     def reset_classifier(self, num_classes: int, global_pool=None):
-        if self.plain_head:
+        """A new last Linear of the MLP head (``head.3``), or a new plain head."""
+        if self.head_cfg['plain_head']:
             return super().reset_classifier(num_classes, global_pool)
         if global_pool is not None:
+            self._check_pool(global_pool)
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head[3] = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 \
-            else nn.Identity()
+        dd = dict(device=self.head[0].weight.device, dtype=self.head[0].weight.dtype)
+        self.head[3] = (nn.Linear(self.head_hidden_size, num_classes, **dd)
+                        if num_classes > 0 else nn.Identity()).train(self.training)
+
+    def _prune_head(self):
+        self.head_cfg = dict(self.head_cfg, plain_head=True)
+        self.head_hidden_size = self.num_features
+        super()._prune_head()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.plain_head or not pre_logits:
+        if self.head_cfg['plain_head'] or not pre_logits:
             return super().forward_head(x, pre_logits)
-        if self.global_pool == 'avg':
-            x = x.mean(dim=(1, 2))
-        return self.head[:3](self.head_drop(x))
+        return self.head[:3](self.head_drop(self._pool(x)))
+
+    def no_weight_decay(self) -> set:
+        """The CPEs' depthwise convs (``pos_block``), as timm's Twins, whose PEG
+        ScalableViT uses."""
+        return {n for n, _ in self.named_parameters() if n.startswith('pos_block.')}
