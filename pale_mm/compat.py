@@ -8,14 +8,35 @@ its ``meta`` (the seed, dataset palettes, the message hub's ``HistoryBuffer``s),
 failed``. Instead of turning ``weights_only`` off (which would allow arbitrary code
 on load), this allow-lists the few plain-data numpy types and mmengine's ``HistoryBuffer``
 that such checkpoints need.
+
+``ensure_safe_globals`` adds entries to torch's ``weights_only`` allow-list unless
+torch's *current* list (``torch.serialization.get_safe_globals()``) already holds
+them. It is checked on every call, never cached: a ``torch.serialization.safe_globals``
+context (timm's checkpoint loader uses one) restores the list it found when it exits,
+which can drop entries added meanwhile.
 """
 import pickle
 
 import torch
 
-__all__ = ['allow_numpy_in_checkpoints', 'numpy_safe_globals', 'mmengine_safe_globals']
+__all__ = ['allow_numpy_in_checkpoints', 'numpy_safe_globals', 'mmengine_safe_globals',
+           'ensure_safe_globals']
 
-_DONE = False
+
+def ensure_safe_globals(entries: list) -> bool:
+    """Add the ``entries`` missing from torch's current ``weights_only`` allow-list.
+
+    Returns False on torch without ``torch.serialization.add_safe_globals``
+    (torch < 2.4, where loading is not restricted anyway), True otherwise."""
+    add = getattr(torch.serialization, 'add_safe_globals', None)
+    if add is None:
+        return False
+    get = getattr(torch.serialization, 'get_safe_globals', None)
+    current = get() if get is not None else []
+    missing = [e for e in entries if e not in current]
+    if missing:
+        add(missing)
+    return True
 
 
 def numpy_safe_globals() -> list:
@@ -72,16 +93,9 @@ def mmengine_safe_globals() -> list:
 def allow_numpy_in_checkpoints() -> bool:
     """Allow-list numpy data types for ``torch.load(weights_only=True)``.
 
-    Idempotent; a no-op (returns False) on torch builds without
+    Idempotent, checked against torch's current list on every call
+    (:func:`ensure_safe_globals`); a no-op (returns False) on torch builds without
     ``torch.serialization.add_safe_globals`` (torch < 2.4), where the default load
-    is not restricted anyway. Returns True when the allow-list was installed.
+    is not restricted anyway. Returns True when the allow-list is installed.
     """
-    global _DONE
-    if _DONE:
-        return True
-    add = getattr(torch.serialization, 'add_safe_globals', None)
-    if add is None:
-        return False
-    add(numpy_safe_globals() + mmengine_safe_globals())
-    _DONE = True
-    return True
+    return ensure_safe_globals(numpy_safe_globals() + mmengine_safe_globals())

@@ -165,7 +165,8 @@ def test_bad_inputs(bad, exc, match):
 
 
 @pytest.mark.parametrize('kwargs,exc,match', [
-    (dict(arch='xl'), ValueError, r"valid archs are \['b', 'l', 's'\]"),
+    (dict(arch='xl'), ValueError,
+     r"unknown ScalableViT arch 'xl'; valid archs are \['b', 'base', 'l', 'large', 's', 'small'\]"),
     (dict(arch=[1]), TypeError, 'arch must be a str or a dict'),
     (dict(arch=dict(embed_dims=16, depths=[1], num_heads=[1])), ValueError, 'missing keys'),
     (dict(arch=dict(TINY, num_heads=[3, 2, 2, 4])), ValueError, 'not divisible'),
@@ -266,6 +267,37 @@ def test_official_checkpoint_with_namespace_loads_through_init_cfg(tmp_path):
                                      for p in ('weight', 'bias')}
     with torch.no_grad():
         assert len(model.eval()(torch.randn(1, 3, 50, 70))) == 4
+
+
+def test_namespace_checkpoint_after_timm_load(tmp_path):
+    """timm's checkpoint loader allow-lists argparse.Namespace in a safe_globals
+    context whose exit removes it again; official checkpoints must still load after."""
+    shapes = official_shapes([16, 32, 64, 128], TINY['depths'], TINY['num_heads'],
+                             TINY['c_ratios'])
+    g = torch.Generator().manual_seed(3)
+    state = {k: torch.randn(v, generator=g) * 0.1 for k, v in shapes.items()}
+    official = tmp_path / 'scalablevit.pth'
+    torch.save({'model': state, 'args': argparse.Namespace(model='scalable_vit_small')},
+               official)
+    cfg = dict(type='Pretrained', checkpoint=str(official))
+    _small(init_cfg=cfg).init_weights()  # allow-lists the Namespace
+    assert argparse.Namespace in torch.serialization.get_safe_globals()
+    # a real timm load of a timm-style training checkpoint (args in a Namespace)
+    classifier = ScalableViTClassifier(TINY)
+    saved = tmp_path / 'timm_checkpoint.pth.tar'
+    torch.save({'state_dict': classifier.state_dict(), 'epoch': 1,
+                'args': argparse.Namespace(model='scalablevit_s')}, saved)
+    timm.models.load_checkpoint(classifier, str(saved))
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()
+    model = _small(init_cfg=cfg)
+    model.init_weights()
+    assert torch.equal(model.state_dict()['stages.2.0.attn.qkv.weight'],
+                       state['stages.2.0.attn.qkv.weight'])
+
+
+@pytest.mark.parametrize('alias,name', [('small', 's'), ('base', 'b'), ('L', 'l')])
+def test_arch_aliases(alias, name):
+    assert ScalableViT.parse_arch(alias) == ScalableViT.parse_arch(name)
 
 
 def test_prefix_and_module_wrapping(tmp_path):

@@ -28,25 +28,17 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
-_NAMESPACE_ALLOWED = False
-
-
 def allow_namespace_in_checkpoints() -> bool:
     """Allow-list ``argparse.Namespace`` for ``torch.load(weights_only=True)``.
 
     A Namespace is a plain attribute bag; unpickling one runs no code beyond setting
-    its ``__dict__``. Idempotent; returns False on torch without
+    its ``__dict__``. Checked against torch's current allow-list on every call (not
+    cached: a ``torch.serialization.safe_globals`` context, as timm's loader uses,
+    can remove the entry when it exits). Returns False on torch without
     ``torch.serialization.add_safe_globals`` (torch < 2.4, where loading is not
     restricted anyway)."""
-    global _NAMESPACE_ALLOWED
-    if _NAMESPACE_ALLOWED:
-        return True
-    add = getattr(torch.serialization, 'add_safe_globals', None)
-    if add is None:
-        return False
-    add([argparse.Namespace])
-    _NAMESPACE_ALLOWED = True
-    return True
+    from pale_mm.compat import ensure_safe_globals
+    return ensure_safe_globals([argparse.Namespace])
 
 
 def unwrap_state_dict(checkpoint, prefix: Optional[str] = None) -> dict:
