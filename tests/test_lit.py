@@ -2,6 +2,8 @@
 bias, backbone interface (frozen_stages, norm_eval, with_cp), official key layouts."""
 import argparse
 import copy
+import functools
+import math
 import os.path as osp
 
 import pytest
@@ -102,11 +104,11 @@ def test_mask_rcnn_params_vs_official_readme(arch):
     keeps the 224-px position embeddings, like this config: 39.54M -> 40M.
     LIT-S: the official detection backbone (detection/mmdet/models/backbones/lit.py) sizes
     each relative position bias table for an 800-px input (``input_resolution = 800 //
-    patch_size``) and resizes the 224-px tables of the ImageNet checkpoint into them; this
-    config keeps the 224-px tables and interpolates at run time (same function, 0.76M fewer
-    parameters). With ``pretrain_img_size=800`` the count is the official detector's:
-    48.24M -> 48M. The as-shipped config (47.48M) must differ from it by exactly the
-    table sizes, so both numbers are tied to the architecture.
+    patch_size``) and resizes the 224-px tables of the ImageNet checkpoint into them; so
+    does this config (``pretrain_img_size=800``): 48.24M -> 48M. The documented
+    single-resize option (``pretrain_img_size=224``: 224-px tables, 0.76M fewer
+    parameters) must differ from it by exactly the table sizes, so both numbers are tied
+    to the architecture.
     (Only other difference: our per-output LayerNorms ``norm0..3``; the official Ti has
     none, the official S lacks ``norm0``: 2,048 / 192 parameters, far below rounding.)"""
     pytest.importorskip('mmdet')
@@ -117,15 +119,15 @@ def test_mask_rcnn_params_vs_official_readme(arch):
     assert cfg.model.backbone.get('init_cfg') is None  # nothing downloaded
     models = _registry('mmdet')
     shipped = count_params(models.build(cfg.model))
-    if arch == 'ti':
-        official = shipped
-    else:
-        cfg.model.backbone.pretrain_img_size = 800
-        official = count_params(models.build(cfg.model))
+    official = shipped
+    if arch != 'ti':
+        assert cfg.model.backbone.pretrain_img_size == 800  # as the official detector
+        cfg.model.backbone.pretrain_img_size = 224
+        single = count_params(models.build(cfg.model))
         # stages 3-4 (6 + 2 blocks, 12 / 24 heads): tables (2*50-1)^2 and (2*25-1)^2 at
         # 800 px against (2*14-1)^2 and (2*7-1)^2 at 224 px
         tables = 6 * 12 * (99 ** 2 - 27 ** 2) + 2 * 24 * (49 ** 2 - 13 ** 2)
-        assert official - shipped == tables == 760320
+        assert official - single == tables == 760320
     assert abs(official - MASK_RCNN_README[arch]) < 0.5e6, official
 
 
@@ -172,11 +174,17 @@ def test_relative_position_bias_lookup_and_interpolation():
 
 
 def test_position_embedding_interpolated():
+    from pale_mm.models.lit import abs_pos_embed
     model = _small('pvt')
-    assert model._pos_embed(1, 16, 16).shape == (1, 16, 16, 16)
-    torch.testing.assert_close(model._pos_embed(1, 16, 16).reshape(1, 256, 16),
-                               model.pos_embed1)
-    assert model._pos_embed(4, 3, 5).shape == (1, 3, 5, 128)
+    grid = model.pretrain_grids[0]
+    same = abs_pos_embed(model.pos_embed1, grid, torch.empty(1, 16, 16, 0))
+    assert same.shape == (1, 16, 16, 16)
+    torch.testing.assert_close(same.reshape(1, 256, 16), model.pos_embed1)
+    pos4 = model.pos_embed4[:, 1:]  # slot 0 is the classifier's class token's
+    other = abs_pos_embed(pos4, model.pretrain_grids[3], torch.empty(1, 3, 5, 0))
+    ref = F.interpolate(pos4.reshape(1, 2, 2, 128).permute(0, 3, 1, 2), size=(3, 5),
+                        mode='bilinear', align_corners=False).permute(0, 2, 3, 1)
+    torch.testing.assert_close(other, ref)
 
 
 def test_norm_eval():
@@ -204,7 +212,8 @@ def test_bad_inputs(bad, exc, match):
 
 
 @pytest.mark.parametrize('kwargs,exc,match', [
-    (dict(arch='huge'), ValueError, r"valid archs are \['b', 'm', 's', 'ti'\]"),
+    (dict(arch='huge'), ValueError, r"unknown LIT arch 'huge'; valid archs are "
+     r"\['b', 'base', 'm', 'medium', 's', 'small', 't', 'ti', 'tiny'\]"),
     (dict(arch=7), TypeError, 'arch must be a str or a dict'),
     (dict(arch=dict(embed_dims=16, depths=[1, 1])), ValueError, 'missing keys'),
     (dict(arch=dict(TINY, num_heads=[1, 1, 3, 2])), ValueError, 'not divisible'),
@@ -220,6 +229,12 @@ def test_bad_construction(kwargs, exc, match):
     kwargs.setdefault('arch', TINY)
     with pytest.raises(exc, match=match):
         LIT(**kwargs)
+
+
+@pytest.mark.parametrize('alias,name', [('tiny', 'ti'), ('t', 'ti'), ('small', 's'),
+                                        ('medium', 'm'), ('Base', 'b')])
+def test_arch_aliases(alias, name):
+    assert LIT.parse_arch(alias) == LIT.parse_arch(name)
 
 
 def test_pretrained_str_becomes_init_cfg():
@@ -262,7 +277,27 @@ def _block(prefix, c, ratio, attn, heads=None, table=None):
                        f'{prefix}.attn.proj.weight': (c, c), f'{prefix}.attn.proj.bias': (c, )})
         if table:
             shapes[f'{prefix}.attn.relative_position_bias_table'] = ((2 * table - 1) ** 2, heads)
+            # the official RelPosAttention's persistent buffer, saved by state_dict()
+            shapes[f'{prefix}.attn.relative_position_index'] = (table ** 2, table ** 2)
     return shapes
+
+
+@functools.lru_cache(maxsize=None)
+def _official_index(h, w):
+    """The official ``relative_position_index`` of an ``h x w`` grid, from its
+    published definition: tokens ``p = (i1, j1)``, ``q = (i2, j2)`` in row-major order
+    index the ``(2h-1) x (2w-1)`` table at row ``i1 - i2 + h - 1``, column
+    ``j1 - j2 + w - 1``."""
+    index = torch.empty(h * w, h * w, dtype=torch.long)
+    for p in range(h * w):
+        for q in range(h * w):
+            (i1, j1), (i2, j2) = divmod(p, w), divmod(q, w)
+            index[p, q] = (i1 - i2 + h - 1) * (2 * w - 1) + (j1 - j2 + w - 1)
+    return index
+
+
+def official_index(h, w):
+    return _official_index(h, w).clone()
 
 
 def official_lit_smb_shapes(dims, depths, heads, img=224, classes=1000):
@@ -302,6 +337,9 @@ def _random_state(shapes):
     for k, shape in shapes.items():
         if k.endswith('num_batches_tracked'):
             state[k] = torch.randint(0, 100, shape, generator=g)
+        elif k.endswith('relative_position_index'):
+            g_side = math.isqrt(shape[0])
+            state[k] = official_index(g_side, g_side)
         elif k.endswith('running_var'):
             state[k] = torch.rand(shape, generator=g) + 0.5
         else:
@@ -331,9 +369,14 @@ def test_official_layout_matches_classifier_exactly(arch):
         shapes = official_lit_ti_shapes([64, 128, 320, 512], [3, 4, 6, 3], [8, 8, 4, 4])
     model = LITClassifier(arch)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert own == shapes
-    if arch in ('s', 'ti'):  # one strict load per layout is enough (M/B: same code path)
-        model.load_state_dict(_random_state(shapes), strict=True)
+    buffers = {k for k in shapes if k.endswith('relative_position_index')}
+    assert len(buffers) == (0 if arch == 'ti' else sum(smb[arch][1][2:]))
+    assert own == {k: v for k, v in shapes.items() if k not in buffers}
+    # strict load of the official layout, relative_position_index buffers included
+    # (checked against the computed index and dropped)
+    state = _random_state(shapes)
+    model.load_state_dict(state, strict=True)
+    assert all(k in state for k in buffers)  # the caller's dict is left as it was
 
 
 @pytest.mark.parametrize('layout', ['swin', 'pvt'])
@@ -364,6 +407,98 @@ def test_checkpoint_for_other_size_is_resized(tmp_path):
     model = _small(init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'a.pth')))
     model.init_weights()  # tables trained for 224 resized to pretrain_img_size=64
     assert model.layers[2].blocks[0].attn.relative_position_bias_table.shape == (49, 2)
+
+
+def test_computed_index_is_the_official_one():
+    for h, w in ((1, 1), (3, 3), (4, 6), (7, 7)):
+        assert torch.equal(relative_position_index(h, w), official_index(h, w))
+
+
+@pytest.mark.parametrize('how', ['values', 'shape'])
+def test_bad_relative_position_index_names_key_and_shapes(how, tmp_path):
+    shapes = official_lit_smb_shapes([16, 32, 64, 128], TINY['depths'], [1, 1, 2, 2], img=64)
+    state = _random_state(shapes)
+    key = 'layers.2.blocks.0.attn.relative_position_index'
+    if how == 'values':
+        state[key] = state[key].flip(0)
+        match = r'layers\.2\.blocks\.0\.attn\.relative_position_index.*\(16, 16\).*values'
+    else:
+        state[key] = official_index(3, 3)  # 9 tokens: no grid of 9 fits the 7x7 table
+        match = r'layers\.2\.blocks\.0\.attn\.relative_position_index.*\(9, 9\)'
+    model = LITClassifier(TINY, pretrain_img_size=64, num_classes=1000)
+    with pytest.raises(ValueError, match=match):
+        model.load_state_dict(state)
+    torch.save({'model': state}, tmp_path / 'bad.pth')
+    backbone = _small(init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'bad.pth')))
+    with pytest.raises(ValueError, match=match):
+        backbone.init_weights()
+
+
+def test_official_checkpoint_with_index_buffers_loads_in_timm(tmp_path):
+    """timm's loader (pretrained_cfg_overlay=dict(file=...)) loads strictly."""
+    dims, depths, heads = [96, 192, 384, 768], [2, 2, 6, 2], [3, 6, 12, 24]
+    state = _random_state(official_lit_smb_shapes(dims, depths, heads))
+    path = tmp_path / 'lit_s.pth'
+    torch.save({'model': state, 'args': argparse.Namespace(model='lit_s')}, path)
+    model = timm.create_model('lit_s', pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    own = model.state_dict()
+    assert set(state) - set(own) == {k for k in state if k.endswith('relative_position_index')}
+    for k, v in own.items():
+        assert torch.equal(v, state[k]), k
+
+
+def _official_two_step_bias(table, pretrain_grid, H, W):
+    """The official detection code's bias for an ``H x W`` map from a classification
+    table, built from its published description: at load (mmcv_custom/checkpoint.py)
+    the ``(L1, nH)`` table is viewed as ``(1, nH, S1, S1)`` and bicubically resized to
+    the model's ``S2 x S2`` table (``S2 = 2 * pretrain_grid - 1``); in each forward
+    (RelPosAttention.forward) that table is resized again, bicubically, to
+    ``(2H-1, 2W-1)`` and gathered with the ``H x W`` relative position index."""
+    nh, s1 = table.shape[1], math.isqrt(table.shape[0])
+    s2 = 2 * pretrain_grid - 1
+    loaded = F.interpolate(table.permute(1, 0).view(1, nh, s1, s1), size=(s2, s2),
+                           mode='bicubic').view(nh, s2 * s2).permute(1, 0)
+    resized = F.interpolate(loaded.permute(1, 0).view(1, nh, s2, s2),
+                            size=(2 * H - 1, 2 * W - 1), mode='bicubic')
+    resized = resized.reshape(nh, -1).permute(1, 0)
+    bias = resized[official_index(H, W).view(-1)].view(H * W, H * W, -1)
+    return bias.permute(2, 0, 1)
+
+
+def test_detection_tables_resized_twice_as_official(tmp_path):
+    """With pretrain_img_size=800 (the detection configs), a 224-px classification
+    checkpoint gives the official detection backbone's position bias at 256x320; the
+    single resize (pretrain_img_size=224, the documented option) gives another one."""
+    shapes = official_lit_smb_shapes([16, 32, 64, 128], TINY['depths'], [1, 1, 2, 2], img=224)
+    state = _random_state(shapes)
+    for k in state:  # tables of a trained size (random 0.1-scale tables hide little)
+        if k.endswith('relative_position_bias_table'):
+            state[k] = torch.randn(state[k].shape, generator=torch.Generator().manual_seed(2))
+    torch.save({'model': state}, tmp_path / 'lit.pth')
+    cfg = dict(type='Pretrained', checkpoint=str(tmp_path / 'lit.pth'))
+    det = LIT(arch=TINY, pretrain_img_size=800, init_cfg=cfg)
+    det.init_weights()
+    single = LIT(arch=TINY, pretrain_img_size=224, init_cfg=cfg)
+    single.init_weights()
+    H, W = 256, 320
+    for i, grid in ((2, 50), (3, 25)):
+        h, w = H // 2 ** (i + 2), W // 2 ** (i + 2)
+        key = f'layers.{i}.blocks.0.attn.relative_position_bias_table'
+        expected = _official_two_step_bias(state[key], grid, h, w)
+        attn = det.layers[i].blocks[0].attn
+        assert attn.relative_position_bias_table.shape == ((2 * grid - 1) ** 2, 2)
+        torch.testing.assert_close(attn.position_bias(h, w), expected)
+        other = single.layers[i].blocks[0].attn.position_bias(h, w)
+        assert (other - expected).abs().max() > 1e-3
+        # at the pretraining grid of the checkpoint (224 px) both are the table itself
+        g = 224 // 2 ** (i + 2)
+        torch.testing.assert_close(single.layers[i].blocks[0].attn.position_bias(g, g),
+                                   state[key][official_index(g, g).view(-1)].view(
+                                       g * g, g * g, -1).permute(2, 0, 1))
+    with torch.no_grad():
+        outs = det.eval()(torch.randn(1, 3, H, W))
+    assert [tuple(o.shape[2:]) for o in outs] == [(64, 80), (32, 40), (16, 20), (8, 10)]
 
 
 # ------------------------------------------------------------------- timm

@@ -84,3 +84,41 @@ def test_family_demo_configs_build(name, backbone):
     assert type(model.backbone).__name__ == backbone
     assert list(model.neck.in_channels) == list(model.backbone.embed_dims)
     assert cfg.train_cfg.max_iters == 200
+
+
+def _base_files(path):
+    """Local config files ``path`` inherits from, recursively (``mmdet::`` etc. are
+    the packages' own)."""
+    import ast
+    tree = ast.parse(open(path).read())
+    bases = []
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == '_base_' for t in node.targets):
+            value = ast.literal_eval(node.value)
+            bases += [value] if isinstance(value, str) else list(value)
+    out = []
+    for base in bases:
+        if '::' in base:
+            continue
+        full = osp.normpath(osp.join(osp.dirname(path), base))
+        out += [full] + _base_files(full)
+    return out
+
+
+DEMOS = [osp.join(ROOT, 'configs', 'demo', n) for n in (
+    'mask-rcnn_lit-demo_fpn_200i_shapes-128.py',
+    'mask-rcnn_scalablevit-demo_fpn_200i_shapes-128.py')]
+
+
+@pytest.mark.parametrize('path', CONFIGS + DEMOS, ids=osp.basename)
+def test_recipes_do_not_inherit_pale_configs(path):
+    """The LIT / ScalableViT configs have bases of their own (configs/_base_/ or their
+    family's smallest variant), so editing a Pale config cannot change them."""
+    bases = _base_files(path)
+    assert bases, path
+    pale = [b for b in bases if 'pale' in osp.basename(b) or
+            osp.sep + 'pale' + osp.sep in b]
+    assert not pale, f'{osp.basename(path)} inherits {pale}'
+    fam = 'lit' if '_lit-' in osp.basename(path) else 'scalablevit'
+    assert all(osp.basename(osp.dirname(b)) in (fam, '_base_') for b in bases), bases

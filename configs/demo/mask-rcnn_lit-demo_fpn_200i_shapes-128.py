@@ -1,8 +1,8 @@
 # The bundled demo with a narrow LIT backbone (MLP-only stages 1-2, global MSA with
 # relative position bias in stages 3-4, deformable token merging): Mask R-CNN + FPN on
-# the synthetic shapes, from scratch on the CPU. Everything else as the Pale demo.
+# the synthetic shapes, from scratch on the CPU, with the demos' shared base.
 #   python tools/train.py configs/demo/mask-rcnn_lit-demo_fpn_200i_shapes-128.py
-_base_ = './mask-rcnn_pale-t-demo_fpn_200i_shapes-128.py'
+_base_ = '../_base_/mask-rcnn_fpn_200i_shapes-128_demo.py'  # not Pale's demo config
 model = dict(
     backbone=dict(
         _delete_=True,

@@ -1,9 +1,9 @@
 # The bundled demo with a narrow ScalableViT backbone (IWSA window attention with the
 # local interactive module alternating with scalable SSA, CPE after each stage's first
 # block): Mask R-CNN + FPN on the synthetic shapes, from scratch on the CPU.
-# Everything else as the Pale demo.
+# Everything else from the demos' shared base.
 #   python tools/train.py configs/demo/mask-rcnn_scalablevit-demo_fpn_200i_shapes-128.py
-_base_ = './mask-rcnn_pale-t-demo_fpn_200i_shapes-128.py'
+_base_ = '../_base_/mask-rcnn_fpn_200i_shapes-128_demo.py'  # not Pale's demo config
 model = dict(
     backbone=dict(
         _delete_=True,

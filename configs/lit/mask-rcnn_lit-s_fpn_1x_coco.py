@@ -5,7 +5,13 @@
 # Official ImageNet weights (github.com/ziplab/LIT releases, lit_s.pth) load as is:
 #   model.backbone.init_cfg=dict(type='Pretrained', checkpoint='lit_s.pth')
 # Recipe: see mask-rcnn_lit-ti_fpn_1x_coco.py.
+# pretrain_img_size=800: the relative position tables are sized for 800-px input, as
+# the official detection backbone (input_resolution = 800 // patch_size) does; the
+# 224-px ImageNet tables are resized to it at load, then to the run-time size in each
+# forward (the official two resizes). pretrain_img_size=224 keeps the 224-px tables
+# and resizes once, straight to the run-time size (not the official behaviour away
+# from 224; fewer parameters).
 _base_ = './mask-rcnn_lit-ti_fpn_1x_coco.py'
 model = dict(
-    backbone=dict(arch='s', drop_path_rate=0.2),  # embed dims 96, 192, 384, 768
+    backbone=dict(arch='s', drop_path_rate=0.2, pretrain_img_size=800),  # embed dims 96, 192, 384, 768
     neck=dict(in_channels=[96, 192, 384, 768]))

@@ -4,9 +4,10 @@
 # (official for Ti/S; ours for M/B).
 # Official ImageNet weights (github.com/ziplab/LIT releases, lit_ti.pth) load as is:
 #   model.backbone.init_cfg=dict(type='Pretrained', checkpoint='lit_ti.pth')
-# Built on the Pale-T Mask R-CNN config (same model, data, 1x schedule and batch);
+# Built on the shared Mask R-CNN base (../_base_/: model, data, 1x schedule and batch
+# of the Swin protocol; not Pale's config, so Pale's recipe cannot change this one);
 # the warm-up and the optimizer settings below are LIT's own.
-_base_ = '../pale/mask-rcnn_pale-t_fpn_1x_coco.py'
+_base_ = '../_base_/mask-rcnn_fpn_adamw-1x_coco.py'
 model = dict(
     backbone=dict(
         _delete_=True,

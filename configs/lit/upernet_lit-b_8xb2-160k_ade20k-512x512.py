@@ -5,8 +5,11 @@
 # Official ImageNet weights:
 #   model.backbone.init_cfg=dict(type='Pretrained', checkpoint='lit_b.pth')
 # Recipe: see upernet_lit-ti_8xb2-160k_ade20k-512x512.py.
+# pretrain_img_size=512: relative position tables sized for 512-px input, as the
+# official segmentation backbone (input_resolution = 512 // patch_size); see
+# mask-rcnn_lit-s_fpn_1x_coco.py.
 _base_ = './upernet_lit-ti_8xb2-160k_ade20k-512x512.py'
 model = dict(
-    backbone=dict(arch='b', drop_path_rate=0.5),  # embed dims 128, 256, 512, 1024
+    backbone=dict(arch='b', drop_path_rate=0.5, pretrain_img_size=512),  # embed dims 128, 256, 512, 1024
     decode_head=dict(in_channels=[128, 256, 512, 1024]),
     auxiliary_head=dict(in_channels=512))

@@ -5,8 +5,11 @@
 # Official ImageNet weights:
 #   model.backbone.init_cfg=dict(type='Pretrained', checkpoint='lit_s.pth')
 # Recipe: see upernet_lit-ti_8xb2-160k_ade20k-512x512.py.
+# pretrain_img_size=512: relative position tables sized for 512-px input, as the
+# official segmentation backbone (input_resolution = 512 // patch_size); see
+# mask-rcnn_lit-s_fpn_1x_coco.py.
 _base_ = './upernet_lit-ti_8xb2-160k_ade20k-512x512.py'
 model = dict(
-    backbone=dict(arch='s', drop_path_rate=0.3),  # embed dims 96, 192, 384, 768
+    backbone=dict(arch='s', drop_path_rate=0.3, pretrain_img_size=512),  # embed dims 96, 192, 384, 768
     decode_head=dict(in_channels=[96, 192, 384, 768]),
     auxiliary_head=dict(in_channels=384))

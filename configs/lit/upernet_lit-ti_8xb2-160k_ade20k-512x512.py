@@ -4,9 +4,10 @@
 # decay, FCN auxiliary head on stage 3; drop path 0.2 (ours).
 # Official ImageNet weights:
 #   model.backbone.init_cfg=dict(type='Pretrained', checkpoint='lit_ti.pth')
-# Recipe: the Pale-T UperNet config's (Swin protocol), with this backbone and no
-# weight decay on its position tables either.
-_base_ = '../pale/upernet_pale-t_8xb2-160k_ade20k-512x512.py'
+# Recipe: the shared UperNet base's (../_base_/, the Swin protocol; not Pale's
+# config, so Pale's recipe cannot change this one), with this backbone and no weight
+# decay on its position tables either.
+_base_ = '../_base_/upernet_adamw-160k_ade20k-512x512.py'
 model = dict(
     backbone=dict(
         _delete_=True,

@@ -3,10 +3,11 @@
 # its detection code was never released. Drop path 0.2 (ours).
 # Official ImageNet weights ({'model': ..., 'args': Namespace}) load as is:
 #   model.backbone.init_cfg=dict(type='Pretrained', checkpoint='scalablevit_s.pth')
-# Recipe: the Pale-T Mask R-CNN config's (Swin protocol: AdamW lr 1e-4, weight decay
-# 0.05 and none on norm layers, warm-up 1000 iterations, steps at epochs 8 and 11),
-# with this backbone.
-_base_ = '../pale/mask-rcnn_pale-t_fpn_1x_coco.py'
+# Recipe: the shared Mask R-CNN base's (../_base_/, the Swin protocol: AdamW lr 1e-4,
+# weight decay 0.05 and none on norm layers, warm-up 1000 iterations, steps at epochs
+# 8 and 11; not Pale's config, so Pale's recipe cannot change this one), with this
+# backbone.
+_base_ = '../_base_/mask-rcnn_fpn_adamw-1x_coco.py'
 model = dict(
     backbone=dict(
         _delete_=True,
