@@ -15,6 +15,7 @@ allow_numpy_in_checkpoints()
 from . import models  # noqa: F401,E402
 from . import registration  # noqa: F401,E402
 from .models import PaleTransformer, PSAttention, pale_attention  # noqa: F401,E402
+from . import flops  # noqa: F401,E402  (adds attention FLOP handles to mmengine's defaults)
 
 try:
     from . import timm_models  # noqa: F401
