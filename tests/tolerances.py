@@ -1,0 +1,74 @@
+"""Tolerances for comparing two floating-point computations of the same quantity,
+derived from the dtype and the size of the reductions instead of hand-tightened
+numbers that happen to pass on one CPU.
+
+Why these numbers. Two correct fp32 paths (oneDNN vs. ATen conv, channels-last vs.
+contiguous weights, AVX2 vs. AVX-512 GEMM blocking, FMA vs. separate multiply-add,
+a fused kernel vs. the reference) differ only in the order and grouping of the
+roundings inside their reductions. A sum of K products computed in some order has a
+rounding error of at most ``gamma_K = K*u/(1 - K*u)`` (u = eps/2) relative to the sum
+of the absolute values of its terms (Higham, *Accuracy and Stability of Numerical
+Algorithms*, sec. 3.1). That worst case is linear in K and is never reached in
+practice: the individual roundings are close to independent and of random sign, so
+the error behaves like a random walk and grows like ``sqrt(K) * u`` (Higham sec. 3.6;
+this is also the model behind ``torch.testing``'s defaults). For terms of random
+sign the result itself has magnitude ``sqrt(K) * |term|``, so relative to the
+result's typical size (its RMS) the error is again about ``sqrt(K) * u``.
+
+So for one reduction of size K the tolerance is ``c * sqrt(K) * eps`` with a safety
+factor c that covers (a) both paths erring, in opposite directions (x2), (b) the
+largest of many compared elements, a Gaussian tail at ~5 standard deviations for
+up to ~10^6 elements (x5), and (c) the few ulps the non-reduction ops add (layer
+norm, softmax, GELU; x1.5): c = 16. A network of L sequential layers adds L such
+errors, which also pass through the following layers; counting them as
+independent gives ``sqrt(L)``, and the layers' amplification (normalisations
+divide by small standard deviations) is what ``depth`` is for. ``depth`` counts the
+reductions in sequence, so the tolerance is ``16 * eps * sqrt(K * depth)``.
+
+Relative tolerance alone fails where the result is near zero by cancellation (a
+weight gradient, a difference of two branches): the error is relative to the size
+of the terms, not of the result. The absolute tolerance is therefore the same
+factor times the *typical* size of the compared values, the RMS of the expected
+tensor (``ref``), or 1 when the values are of unit scale (after a LayerNorm).
+
+For fp32 and K = 256, depth 4 this gives 6e-5, orders of magnitude below what a
+real bug (a wrong mask, a missing term, a transposed weight) produces (>= 1e-3
+relative) and far above the 1e-6-level differences between CPU kernels.
+Use ``rtol=0, atol=0`` where a test claims bit-identical results (same kernel, same
+order), and float64 references where the reference itself must be exact.
+"""
+import math
+
+import torch
+
+SAFETY = 16.0
+
+
+def fp_tol(reduction_size, *, depth=1, ref=None, dtype=torch.float32, safety=SAFETY):
+    """``dict(rtol=..., atol=...)`` for ``torch.testing.assert_close`` comparing two
+    computations in ``dtype`` whose longest reductions sum ``reduction_size`` terms
+    (a GEMM's K, a conv's ``C_in * kh * kw``, a weight gradient's ``N * H * W``),
+    ``depth`` of them in sequence. ``ref``: the expected tensor, whose RMS sets the
+    absolute tolerance (default: values of unit scale)."""
+    if reduction_size < 1 or depth < 1:
+        raise ValueError(f'reduction_size and depth must be >= 1, got {reduction_size}, {depth}')
+    rtol = safety * torch.finfo(dtype).eps * math.sqrt(reduction_size * depth)
+    scale = 1.0
+    if ref is not None:
+        r = ref.detach().double()
+        scale = float(r.pow(2).mean().sqrt()) if r.numel() else 1.0
+        scale = scale if scale > 0 else 1.0
+    return dict(rtol=rtol, atol=rtol * scale)
+
+
+def fp32_tol(reduction_size, *, depth=1, ref=None, safety=SAFETY):
+    """:func:`fp_tol` for float32."""
+    return fp_tol(reduction_size, depth=depth, ref=ref, dtype=torch.float32, safety=safety)
+
+
+def assert_close_fp(actual, expected, reduction_size, *, depth=1, msg=None, safety=SAFETY):
+    """``torch.testing.assert_close`` with :func:`fp_tol` for ``expected``'s dtype and
+    scale."""
+    tol = fp_tol(reduction_size, depth=depth, ref=expected, dtype=expected.dtype,
+                 safety=safety)
+    torch.testing.assert_close(actual, expected, msg=msg, **tol)
