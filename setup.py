@@ -9,7 +9,7 @@ setup(
     if __import__('os').path.exists('README.md') else '',
     long_description_content_type='text/markdown',
     packages=find_packages(include=['pale_mm', 'pale_mm.*']),
-    package_data={'pale_mm': ['csrc/*.cpp']},
+    package_data={'pale_mm': ['ops/csrc/*.cpp']},
     python_requires='>=3.8',
     install_requires=[
         'torch>=2.0',

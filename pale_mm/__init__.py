@@ -13,6 +13,7 @@ from .compat import allow_numpy_in_checkpoints  # noqa: E402
 allow_numpy_in_checkpoints()
 
 from . import models  # noqa: F401,E402
+from .ops import pale as _fast_paths  # noqa: F401,E402  (registers the fast forwards)
 from . import registration  # noqa: F401,E402
 from .models import PaleTransformer, PSAttention, pale_attention  # noqa: F401,E402
 from . import flops  # noqa: F401,E402  (adds attention FLOP handles to mmengine's defaults)

@@ -7,14 +7,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pale_mm.models import PSAttention, cpu_attention, cpu_dwconv, pale_attention
+from pale_mm.models import PSAttention
 from pale_mm.models.pale_transformer import PaleBlock
+from pale_mm.ops import attention as cpu_attention
+from pale_mm.ops import dwconv as cpu_dwconv
+from pale_mm.ops import kernels
+from pale_mm.ops.pale import pale_attention_fast
 from pale_oracle import dense_pale_attention
 from switches import switched_off
+from tolerances import fp_tol
 
-AVX512 = cpu_attention._cpu_has_avx512()
+AVX512 = kernels.cpu_has_avx512()
 needs_kernel = pytest.mark.skipif(not AVX512, reason='the fused kernel needs AVX-512')
-pale_mod = importlib.import_module('pale_mm.models.pale_attention')
+pale_mod = importlib.import_module('pale_mm.ops.pale')
+
+
+def pale_attention(q, k, v, hw_shape, pale_size, num_heads):
+    """The fast path's pale attention on (B, H*W, C) tokens."""
+    B, N, C = q.shape
+    H, W = hw_shape
+    pale = (pale_size, pale_size) if isinstance(pale_size, int) else tuple(pale_size)
+    q, k, v = (t.reshape(B, H, W, C) for t in (q, k, v))
+    return pale_attention_fast(q, k, v, pale, num_heads).reshape(B, N, C)
 
 
 def test_kernel_is_built_where_the_cpu_supports_it():
@@ -37,7 +51,10 @@ def test_kernel_matches_float64_sdpa(shape, head_dim):
     """Every length class: one key, fewer than a vector (16) of keys, exact vectors,
     a ragged last vector and register tile (8 query rows, 32 keys), several tiles,
     and batch dims folded; at head dim 32 and at 24 (Pale-S; zero-padded to 32
-    inside). Errors must be at the level of fp32 SDPA's own."""
+    inside). Errors against float64 must be within the fp32 tolerance of reductions
+    over the N keys (three in sequence in the backward). The gradients of q and k are
+    exactly zero with one key, so their error is measured at dv's scale (their terms'
+    size), not at their own."""
     shape = shape + (head_dim,)
     q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
     g = torch.randn(shape)
@@ -45,13 +62,12 @@ def test_kernel_matches_float64_sdpa(shape, head_dim):
     assert cpu_attention.can_fuse(q, head_dim)
     out = cpu_attention.fused_attention(q, k, v, scale=scale)
     got = (out, *torch.autograd.grad(out, (q, k, v), g))
-    sdpa = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    base = (sdpa, *torch.autograd.grad(sdpa, (q, k, v), g))
     want = _fp64_reference(q, k, v, scale, g)
-    for name, a, b, w in zip(('out', 'dq', 'dk', 'dv'), got, base, want):
+    n = shape[-2]
+    for name, a, w in zip(('out', 'dq', 'dk', 'dv'), got, want):
         assert a.shape == w.shape and a.dtype == torch.float32
-        err, sdpa_err = (a.double() - w).abs().max().item(), (b.double() - w).abs().max().item()
-        assert err <= max(4 * sdpa_err, 1e-6), (name, err, sdpa_err)
+        torch.testing.assert_close(a.double(), w, msg=name, **fp_tol(
+            n, depth=3, ref=w if name == 'out' else want[3]))
 
 
 @needs_kernel
@@ -90,7 +106,7 @@ def test_pale_attention_through_kernel_matches_oracle(H, W, pale, head_dim, monk
 
 @needs_kernel
 @pytest.mark.parametrize('dim,heads', [(64, 2), (96, 4)])
-def test_psattention_module_same_with_and_without_kernel(dim, heads):
+def test_psattention_fast_path_same_with_and_without_kernel(dim, heads):
     """Pale-T's and Pale-S's first-stage widths (64 channels, 2 heads: head dim 32;
     96 channels, 4 heads: head dim 24), train and eval."""
     attn = PSAttention(dim, heads, 7)
@@ -101,7 +117,7 @@ def test_psattention_module_same_with_and_without_kernel(dim, heads):
         for fused in (True, False):
             previous = cpu_attention.set_cpu_attention(fused)
             try:
-                out = attn(x, (20, 18))
+                out = pale_mod.ps_attention(attn, x, (20, 18))
                 outs.append((out, *torch.autograd.grad(out.square().sum(), [x] +
                                                        list(attn.parameters()))))
             finally:
@@ -176,14 +192,6 @@ def test_bad_inputs_named():
                                              head_dim=24)
 
 
-def test_env_switch_validated(monkeypatch):
-    monkeypatch.setenv('PALE_MM_CPU_ATTENTION', 'yes')
-    with pytest.raises(ValueError, match='PALE_MM_CPU_ATTENTION must be auto, 0 or 1'):
-        cpu_attention._mode()
-    monkeypatch.setenv('PALE_MM_CPU_ATTENTION', '0')
-    assert cpu_attention._mode() == '0'
-
-
 @needs_kernel
 def test_backbone_with_cp_through_kernel(monkeypatch):
     """Head dim 32 at every stage, so every block's attention runs the kernel, also
@@ -220,7 +228,7 @@ def test_backbone_with_cp_through_kernel(monkeypatch):
 @pytest.fixture
 def fresh_loader(monkeypatch):
     """A not-yet-loaded kernel state, restored afterwards."""
-    monkeypatch.setattr(cpu_attention, '_state', {'loaded': False, 'ext': None, 'enabled': True})
+    monkeypatch.setattr(kernels, '_state', {'loaded': False, 'ext': None})
     return monkeypatch
 
 
@@ -230,9 +238,8 @@ def _failing_build(*a, **kw):
 
 def test_failed_build_warns_once_and_falls_back_to_sdpa(fresh_loader):
     import torch.utils.cpp_extension as cpp
-    fresh_loader.setattr(cpu_attention, '_cpu_has_avx512', lambda: True)
+    fresh_loader.setattr(kernels, 'cpu_has_avx512', lambda: True)
     fresh_loader.setattr(cpp, 'load', _failing_build)
-    fresh_loader.setenv('PALE_MM_CPU_ATTENTION', 'auto')
     with pytest.warns(UserWarning, match='could not be built.*no compiler here'):
         assert not cpu_attention.cpu_attention_available()
     assert not cpu_attention.can_fuse(torch.randn(2, 64), 32)  # no second warning
@@ -250,23 +257,9 @@ def test_failed_build_warns_once_and_falls_back_to_sdpa(fresh_loader):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_required_kernel_fails_loudly(fresh_loader):
-    import torch.utils.cpp_extension as cpp
-    fresh_loader.setattr(cpu_attention, '_cpu_has_avx512', lambda: True)
-    fresh_loader.setattr(cpp, 'load', _failing_build)
-    fresh_loader.setenv('PALE_MM_CPU_ATTENTION', '1')
-    with pytest.raises(RuntimeError, match='PALE_MM_CPU_ATTENTION=1 but .* no compiler here'):
-        cpu_attention.cpu_attention_available()
-
-
 def test_no_avx512_means_sdpa_without_a_warning(fresh_loader, recwarn):
     import torch.utils.cpp_extension as cpp
-    fresh_loader.setattr(cpu_attention, '_cpu_has_avx512', lambda: False)
+    fresh_loader.setattr(kernels, 'cpu_has_avx512', lambda: False)
     fresh_loader.setattr(cpp, 'load', _failing_build)  # must not even be tried
-    fresh_loader.setenv('PALE_MM_CPU_ATTENTION', 'auto')
     assert not cpu_attention.cpu_attention_available()
     assert not [w for w in recwarn if 'pale_mm' in str(w.message)]
-    fresh_loader.setenv('PALE_MM_CPU_ATTENTION', '1')
-    cpu_attention._state['loaded'] = False
-    with pytest.raises(RuntimeError, match='no AVX-512'):
-        cpu_attention.cpu_attention_available()

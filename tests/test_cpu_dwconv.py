@@ -7,15 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pale_mm.models import PaleTransformer, cpu_attention, cpu_dwconv
+from pale_mm.models import PaleTransformer
 from pale_mm.models.pale_transformer import PaleBlock
+from pale_mm.ops import dwconv as cpu_dwconv
+from pale_mm.ops import kernels
 from switches import switched_off
 
-AVX512 = cpu_attention._cpu_has_avx512()
+AVX512 = kernels.cpu_has_avx512()
 needs_kernel = pytest.mark.skipif(not AVX512, reason='the fused kernel needs AVX-512')
-# the modules that call the kernel (``pale_mm.models.pale_attention`` the attribute is a function)
-CALLERS = [importlib.import_module(f'pale_mm.models.{m}')
-           for m in ('pale_transformer', 'pale_attention')]
+# the module that calls the kernel: the Pale block's fast path
+CALLERS = [importlib.import_module('pale_mm.ops.pale')]
 
 
 def _reference(x, weight, bias, sets, residual):
@@ -155,7 +156,7 @@ def test_bad_inputs_named():
         cpu_dwconv.fused_dwconv3x3(x, torch.randn(48, 1, 3, 3), None, sets=3, residual=True)
     with pytest.raises(ValueError, match=r'bias of shape \(8,\)'):
         cpu_dwconv.fused_dwconv3x3(x, torch.randn(16, 1, 3, 3), torch.randn(8))
-    ext = cpu_attention._load()
+    ext = kernels.load()
     w, b = torch.randn(1, 3, 3, 16), torch.randn(1, 16)
     with pytest.raises(RuntimeError, match='each output must be a new contiguous'):
         ext.dwconv3x3(x, w, b, [x], False)  # in place would read overwritten taps

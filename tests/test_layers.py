@@ -1,13 +1,16 @@
-"""Shared layers: the memory-saving MLP gives autograd's exact results; the oneDNN
-inference linear matches F.linear and is used only where it may be."""
+"""The MLP's fast path (pale_mm.ops.pale.mlp: GELU recomputed in the backward,
+oneDNN at inference) gives the reference forward's results; the oneDNN inference
+linear matches F.linear and is used only where it may be."""
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pale_mm.models import layers
 from pale_mm.models.layers import Mlp
+from pale_mm.ops import fast_path, set_fast_paths
+from pale_mm.ops import linear as fast_linear
+from pale_mm.ops.pale import mlp as fast_mlp
 from switches import switched_off
 
 
@@ -28,6 +31,7 @@ def test_mlp_recompute_equals_autograd(amp):
     x = torch.randn(2, 5, 7, 16)
     g = torch.randn(2, 5, 7, 16)
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+        assert fast_path(m, x) is not None
         got = _grads(m, x, lambda m, x: m(x), g)
         want = _grads(m, x, _plain, g)
     for a, b in zip(got, want):
@@ -60,6 +64,8 @@ def test_mlp_does_not_keep_the_activation():
     plain = _saved_numel(lambda: _plain(m, x))
     fused = _saved_numel(lambda: m(x))
     assert plain - fused == hidden
+    with switched_off(set_fast_paths):  # the reference keeps it
+        assert _saved_numel(lambda: m(x)) == plain
     # dropout needs the standard path (its masks); it is still taken there
     m_drop = copy.deepcopy(m)
     m_drop.drop.p = 0.1
@@ -68,19 +74,19 @@ def test_mlp_does_not_keep_the_activation():
 
 # ------------------------------------------------------------------ oneDNN inference linear
 onednn = pytest.mark.skipif(
-    layers._ONEDNN_LINEAR is None or not torch.backends.mkldnn.is_available(),
+    fast_linear._ONEDNN_LINEAR is None or not torch.backends.mkldnn.is_available(),
     reason='this torch build has no mkldnn::_linear_pointwise')
 
 
 @pytest.fixture
 def onednn_calls(monkeypatch):
     calls = []
-    real = layers._ONEDNN_LINEAR
+    real = fast_linear._ONEDNN_LINEAR
 
     def counting(*args):
         calls.append(args[3])
         return real(*args)
-    monkeypatch.setattr(layers, '_ONEDNN_LINEAR', counting)
+    monkeypatch.setattr(fast_linear, '_ONEDNN_LINEAR', counting)
     return calls
 
 
@@ -91,32 +97,33 @@ def test_linear_fast_path_matches_f_linear(onednn_calls, gelu):
     w, b = torch.randn(80, 48), torch.randn(80)
     want = F.linear(x, w, b)
     want = F.gelu(want) if gelu else want
-    got = layers.linear(x, w, b, gelu=gelu)
+    got = fast_linear.linear(x, w, b, gelu=gelu)
     assert onednn_calls == ['gelu' if gelu else 'none']
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # strided input (a channel slice) and no bias
     xs = torch.randn(2, 9, 11, 96)[..., ::2]
-    torch.testing.assert_close(layers.linear(xs, w), F.linear(xs, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_linear.linear(xs, w), F.linear(xs, w), rtol=1e-5, atol=1e-5)
 
 
 @onednn
 def test_linear_fast_path_only_for_fp32_cpu_inference(onednn_calls):
     w = torch.randn(8, 4, requires_grad=True)
     x = torch.randn(3, 4)
-    layers.linear(x, w).sum().backward()                     # autograd: F.linear
+    fast_linear.linear(x, w).sum().backward()                     # autograd: F.linear
     assert w.grad is not None
     with torch.no_grad():
-        layers.linear(x.double(), w.double())                # float64
+        fast_linear.linear(x.double(), w.double())                # float64
         with torch.autocast('cpu', dtype=torch.bfloat16):
-            assert layers.linear(x, w).dtype == torch.bfloat16  # autocast keeps its rules
+            assert fast_linear.linear(x, w).dtype == torch.bfloat16  # autocast keeps its rules
         wd = w.detach()
-        torch.jit.trace(lambda t: layers.linear(t, wd), (x,), check_trace=False)  # FLOP counter
-        with switched_off(layers.set_fast_cpu_linear):
-            torch.testing.assert_close(layers.linear(x, w), F.linear(x, w), rtol=0, atol=0)
+        # the FLOP counter traces
+        torch.jit.trace(lambda t: fast_linear.linear(t, wd), (x,), check_trace=False)
+        with switched_off(fast_linear.set_fast_cpu_linear):
+            torch.testing.assert_close(fast_linear.linear(x, w), F.linear(x, w), rtol=0, atol=0)
     assert onednn_calls == []
     with torch.no_grad():
-        layers.linear(x, w)
+        fast_linear.linear(x, w)
     assert onednn_calls == ['none']
 
 
@@ -130,7 +137,7 @@ def test_backbone_inference_same_with_and_without_fast_linear(onednn_calls):
     with torch.no_grad():
         fast = model(x)
         assert onednn_calls  # qkv, proj and both MLP layers
-        with switched_off(layers.set_fast_cpu_linear):
+        with switched_off(fast_linear.set_fast_cpu_linear):
             plain = model(x)
     for a, b in zip(fast, plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -139,45 +146,50 @@ def test_backbone_inference_same_with_and_without_fast_linear(onednn_calls):
 @onednn
 def test_linear_residual_add_is_fused_at_inference(monkeypatch):
     calls = []
-    real = layers._ONEDNN_LINEAR_ADD
+    real = fast_linear._ONEDNN_LINEAR_ADD
 
     def counting(*args):
         calls.append(args[-1])
         return real(*args)
-    monkeypatch.setattr(layers, '_ONEDNN_LINEAR_ADD', counting)
+    monkeypatch.setattr(fast_linear, '_ONEDNN_LINEAR_ADD', counting)
     x, r = torch.randn(2, 9, 11, 48), torch.randn(2, 9, 11, 80)
     w, b = torch.randn(80, 48), torch.randn(80)
     want = r + F.linear(x, w, b)
     r0 = r.clone()
     with torch.no_grad():
-        got = layers.linear(x, w, b, residual=r)
+        got = fast_linear.linear(x, w, b, residual=r)
         assert calls == ['add']
         assert torch.equal(r, r0)  # the residual is read, not written
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         # a residual that only broadcasts is added after the GEMM
         r1 = torch.randn(80)
-        torch.testing.assert_close(layers.linear(x, w, b, residual=r1), r1 + F.linear(x, w, b),
+        torch.testing.assert_close(fast_linear.linear(x, w, b, residual=r1), r1 + F.linear(x, w, b),
                                    rtol=1e-5, atol=1e-5)
         assert calls == ['add']
     # with autograd: F.linear, then the add; the residual gets its gradient
     rg = r.clone().requires_grad_()
-    out = layers.linear(x, w, b, residual=rg)
+    out = fast_linear.linear(x, w, b, residual=rg)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     out.sum().backward()
     assert calls == ['add']
     torch.testing.assert_close(rg.grad, torch.ones_like(r), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize('drop', [0., 0.5])
-def test_mlp_identity_is_added_after_dropout(drop):
+def test_mlp_identity_is_added_after_the_projection():
+    """The Pale block's fast path adds its residual inside the MLP (fused into fc2 at
+    inference): identity + mlp(x), in training and at inference."""
     torch.manual_seed(0)
-    mlp = Mlp(16, 64, drop=drop).train()
+    mlp = Mlp(16, 64).train()
     x, identity = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
-    torch.manual_seed(1)
-    want = identity + mlp(x)
-    torch.manual_seed(1)
-    torch.testing.assert_close(mlp(x, identity=identity), want, rtol=0, atol=0)
+    torch.testing.assert_close(fast_mlp(mlp, x, identity=identity), identity + mlp(x),
+                               rtol=0, atol=0)
     mlp.eval()
     with torch.no_grad():
-        torch.testing.assert_close(mlp(x, identity=identity), identity + mlp(x),
+        torch.testing.assert_close(fast_mlp(mlp, x, identity=identity), identity + mlp(x),
                                    rtol=1e-6, atol=1e-6)
+
+
+def test_mlp_with_dropout_in_training_runs_the_reference():
+    mlp = Mlp(16, 64, drop=0.5)
+    x = torch.randn(2, 5, 16)
+    assert fast_path(mlp.train(), x) is None and fast_path(mlp.eval(), x) is not None

@@ -89,16 +89,47 @@ def test_oracle_is_not_global_attention():
     assert (pale - glob).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize('H,W,pale', [(9, 11, 7), (16, 16, 7), (14, 14, 7), (3, 20, 7),
+                                      (13, 29, (7, 3))])
+def test_reference_pads_and_masks_exactly_the_padded_keys(H, W, pale, monkeypatch):
+    """The reference pads each branch to G groups of s lines and masks the padded
+    keys; with no padding it builds no mask. Every real token is a query once per
+    branch."""
+    import importlib
+    mod = importlib.import_module('pale_mm.models.pale_attention')
+    real_sdpa, calls = mod.F.scaled_dot_product_attention, []
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((q.shape, attn_mask))
+        return real_sdpa(q, k, v, attn_mask=attn_mask, **kw)
+    monkeypatch.setattr(mod.F, 'scaled_dot_product_attention', spy)
+    B = 2
+    q, k, v = (torch.randn(B, H * W, 8, dtype=torch.float64) for _ in range(3))
+    out = pale_attention(q, k, v, (H, W), pale, 2)
+    torch.testing.assert_close(out, dense_pale_attention(q, k, v, (H, W), pale, 2),
+                               rtol=1e-10, atol=1e-10)
+    sr, sc = (pale, pale) if isinstance(pale, int) else pale
+    assert len(calls) == 2  # one SDPA call per branch
+    for (shape, mask), (L, other, s) in zip(calls, ((H, W, sr), (W, H, sc))):
+        G, lines = pale_groups(L, s)
+        assert shape == (B * G, 1, lines * other, 4)
+        if G * lines == L:
+            assert mask is None
+        else:
+            assert mask.shape == (B * G, 1, 1, lines * other)
+            assert int(mask.sum()) == B * L * other  # the real keys, each once
+
+
 @pytest.mark.parametrize('grad', [False, True], ids=['inference', 'autograd'])
 @pytest.mark.parametrize('H,W,pale', [(9, 11, 7), (16, 16, 7), (3, 20, 7), (128, 20, 7),
                                       (13, 29, (7, 3))])
-def test_padding_never_reaches_attention(H, W, pale, grad, monkeypatch):
-    """The design pads to a multiple of the pale and masks the padded keys; the
-    implementation gets the same result (oracle tests) without computing any padded
-    token: every query and key that reaches SDPA is a real token, each exactly once
-    per branch, and no mask is needed."""
+def test_fast_path_never_computes_padding(H, W, pale, grad, monkeypatch):
+    """The design pads to a multiple of the pale and masks the padded keys; the fast
+    path gets the same result without computing any padded token: every query and
+    key that reaches SDPA is a real token, each exactly once per branch, and no mask
+    is needed."""
     import importlib
-    mod = importlib.import_module('pale_mm.models.pale_attention')
+    mod = importlib.import_module('pale_mm.ops.pale')
     real_sdpa, calls = mod.F.scaled_dot_product_attention, []
 
     def spy(q, k, v, attn_mask=None, **kw):
@@ -108,7 +139,9 @@ def test_padding_never_reaches_attention(H, W, pale, grad, monkeypatch):
     B = 2
     q, k, v = (torch.randn(B, H * W, 8, dtype=torch.float64, requires_grad=grad)
                for _ in range(3))
-    out = pale_attention(q, k, v, (H, W), pale, 2)
+    pale_pair = (pale, pale) if isinstance(pale, int) else pale
+    out = mod.pale_attention_fast(*(t.view(B, H, W, 8) for t in (q, k, v)), pale_pair,
+                                  2).view(B, H * W, 8)
     torch.testing.assert_close(out, dense_pale_attention(q, k, v, (H, W), pale, 2),
                                rtol=1e-10, atol=1e-10)
     assert calls and all(mask is None for _, _, mask in calls)

@@ -8,11 +8,15 @@ from typing import Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ['to_pair', 'check_pale_size', 'DropPath', 'Mlp', 'ConvPatchEmbed',
-           'check_image', 'checkpoint_block', 'linear', 'set_fast_cpu_linear']
+from mmcv.cnn.bricks.drop import DropPath  # stochastic depth (timm stays optional)
+
+from ..ops import fast_path, fx_tracing
+
+__all__ = ['to_pair', 'check_pale_size', 'check_heads', 'DropPath', 'BlockDiagonalLinear',
+           'Mlp', 'ConvPatchEmbed', 'check_image', 'checkpoint_block']
 
 
 def to_pair(value) -> Tuple[int, int]:
@@ -34,130 +38,41 @@ def check_pale_size(pale_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return pair
 
 
-class DropPath(nn.Module):
-    """Stochastic depth per sample (identity in eval mode or at rate 0)."""
+def check_heads(channels: int, num_heads: int, where: str = ''):
+    """PS-Attention splits the heads between a row and a column branch: ``num_heads``
+    must be even and divide ``channels``. ``where`` prefixes the error (e.g. a stage)."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 2 \
+            or num_heads % 2:
+        raise ValueError(f'{where}PS-Attention splits the heads between a row and a column '
+                         f'branch, so num_heads must be an even int >= 2, got {num_heads!r}')
+    if channels % num_heads:
+        raise ValueError(f'{where}embed dims {channels} cannot be split into two branches of '
+                         f'{num_heads // 2} heads each: {channels} is not divisible by '
+                         f'num_heads={num_heads}')
 
-    def __init__(self, drop_prob: float = 0.):
-        super().__init__()
-        self.drop_prob = float(drop_prob)
+
+class BlockDiagonalLinear(nn.Linear):
+    """``blocks`` independent ``in_features -> in_features`` projections stored as one
+    ``nn.Linear(in_features, blocks * in_features)`` (``weight`` rows ``[t*C, (t+1)*C)``
+    project block ``t``), applied to an input of ``blocks * in_features`` channels:
+    channels ``[t*C, (t+1)*C)`` of the output are block ``t`` of the input projected
+    by block ``t`` of the weight. PS-Attention's q/k/v projections."""
+
+    def __init__(self, in_features: int, blocks: int, bias: bool = True):
+        super().__init__(in_features, blocks * in_features, bias=bias)
+        self.blocks = blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0. or not self.training:
-            return x
-        keep = 1. - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
+        xs, ws = x.chunk(self.blocks, dim=-1), self.weight.chunk(self.blocks)
+        bs = (None,) * self.blocks if self.bias is None else self.bias.chunk(self.blocks)
+        return torch.cat([F.linear(xs[t], ws[t], bs[t]) for t in range(self.blocks)], dim=-1)
 
     def extra_repr(self) -> str:
-        return f'drop_prob={self.drop_prob:.3f}'
-
-
-def _find_onednn_linear(overload: str):
-    """``mkldnn::_linear_pointwise.<overload>``, or ``None`` on builds without it."""
-    try:
-        return getattr(torch.ops.mkldnn._linear_pointwise, overload)
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_ONEDNN_LINEAR = _find_onednn_linear('default')
-_ONEDNN_LINEAR_ADD = _find_onednn_linear('binary')  # with a binary post-op ('add')
-_fast_cpu_linear = [True]
-
-
-def set_fast_cpu_linear(enabled: bool) -> bool:
-    """Turn the oneDNN inference path of :func:`linear` on or off; returns the
-    previous setting (used by the benchmark to show its effect)."""
-    previous = _fast_cpu_linear[0]
-    _fast_cpu_linear[0] = bool(enabled)
-    return previous
-
-
-def _autocast_on() -> bool:
-    try:
-        return torch.is_autocast_enabled('cpu')
-    except TypeError:  # older torch
-        return torch.is_autocast_cpu_enabled()
-
-
-def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """oneDNN's linear serves fp32 CPU tensors outside autocast, tracing (the FLOP
-    counter traces ``aten::linear``) and torch.compile (inductor picks its own kernels)."""
-    if torch.compiler.is_compiling():  # first: the checks below would break the graph
-        return False
-    return (_fast_cpu_linear[0] and _ONEDNN_LINEAR is not None and x.device.type == 'cpu'
-            and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and not (_autocast_on() or torch.jit.is_tracing()))
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, gelu: bool = False,
-           residual=None):
-    """``F.linear`` (then exact GELU when ``gelu``) on the last dim of ``x``; with a
-    ``residual`` (shaped like the output), ``residual + out``.
-
-    At fp32 CPU inference it runs oneDNN's linear (``mkldnn::_linear_pointwise``,
-    what inductor uses on CPU) with the GELU, or the residual add, fused as a
-    post-op: one pass less over the output, and on some CPUs (AMD) oneDNN's GEMM is
-    markedly faster than the BLAS behind ``F.linear``. With autograd, autocast,
-    tracing or on other devices it is ``F.linear`` (+ ``F.gelu``, + ``residual``).
-    :func:`set_fast_cpu_linear` turns it off."""
-    if not _needs_grad(x, weight, bias, residual) and _onednn_ok(x, weight):
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        shape = (*x.shape[:-1], weight.shape[0])
-        if residual is not None and not gelu and _ONEDNN_LINEAR_ADD is not None \
-                and residual.shape == shape and residual.dtype == x.dtype:
-            out = _ONEDNN_LINEAR_ADD(x2, residual.reshape(x2.shape[0], -1).contiguous(),
-                                     weight.contiguous(), bias, 'add')
-            return out.view(shape)
-        out = _ONEDNN_LINEAR(x2, weight.contiguous(), bias, 'gelu' if gelu else 'none', [],
-                             'none').view(shape)
-    else:
-        out = F.linear(x, weight, bias)
-        out = F.gelu(out) if gelu else out
-    return out if residual is None else residual + out
-
-
-class _GeluLinear(torch.autograd.Function):
-    """``F.linear(F.gelu(h), weight, bias)`` that saves ``h`` but not ``gelu(h)``:
-    the backward recomputes the activation (one elementwise op) instead of keeping
-    a second hidden-width tensor alive per block. Gradients are the same ops as
-    autograd's; under autocast the weight is cast like ``F.linear`` does."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias):
-        ctx.save_for_backward(h, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(F.gelu(h), weight, bias)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        h, weight = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_h = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_a = g.mm(weight.to(g.dtype)).view(h.shape).to(h.dtype)
-            grad_h = torch.ops.aten.gelu_backward(grad_a, h)
-        if ctx.needs_input_grad[1]:
-            a = F.gelu(h).reshape(-1, h.shape[-1]).to(g.dtype)
-            grad_w = g.t().mm(a).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(0).to(weight.dtype)
-        return grad_h, grad_w, grad_b
+        return f'{super().extra_repr()}, blocks={self.blocks}'
 
 
 class Mlp(nn.Module):
-    """Linear C -> hidden, GELU, Linear hidden -> C (on the last dim).
-
-    In training without dropout the GELU output is not kept for the backward; it
-    is recomputed from the fc1 output (:class:`_GeluLinear`), which saves a
-    hidden-width activation (4C per token) per block at the cost of one GELU. At
-    inference the GELU is fused into fc1 (:func:`linear`)."""
+    """Linear C -> hidden, GELU, Linear hidden -> C (on the last dim), with dropout."""
 
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.):
         super().__init__()
@@ -166,19 +81,11 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor, identity=None) -> torch.Tensor:
-        """``x``: ``(..., C)``. With ``identity`` (shaped like the output), returns
-        ``identity + mlp(x)``; at fp32 CPU inference the add is fused into fc2."""
-        fc1, fc2 = self.fc1, self.fc2
-        exact_gelu = type(self.act) is nn.GELU and self.act.approximate == 'none'
-        if exact_gelu and (self.drop.p == 0 or not self.training):
-            if not _needs_grad(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias):
-                return linear(linear(x, fc1.weight, fc1.bias, gelu=True), fc2.weight, fc2.bias,
-                              residual=identity)
-            out = _GeluLinear.apply(fc1(x), fc2.weight, fc2.bias)
-        else:
-            out = self.drop(fc2(self.drop(self.act(fc1(x)))))
-        return out if identity is None else identity + out
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = fast_path(self, x)
+        if fast is not None:
+            return fast(x)
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class ConvPatchEmbed(nn.Module):
@@ -210,7 +117,10 @@ class ConvPatchEmbed(nn.Module):
 
 
 def check_image(x, in_channels: int, owner: str):
-    """Raise a clear error unless ``x`` is a ``(B, in_channels, H, W)`` tensor."""
+    """Raise a clear error unless ``x`` is a ``(B, in_channels, H, W)`` tensor
+    (nothing to check on a ``torch.fx`` proxy while the model is traced)."""
+    if fx_tracing():
+        return
     if not isinstance(x, torch.Tensor):
         raise TypeError(f'{owner} expects a torch.Tensor, got {type(x).__name__}')
     if x.dim() != 4:
@@ -223,20 +133,15 @@ def check_image(x, in_channels: int, owner: str):
         raise ValueError(f'{owner} got an empty image of shape {tuple(x.shape)}')
 
 
-def _set_bn_stat_updates(module: nn.Module, flag: bool):
-    for m in module.modules():
-        if hasattr(m, 'update_bn_stats'):
-            m.update_bn_stats = flag
-
-
 def checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run ``block(x)`` under non-reentrant activation checkpointing.
 
     Non-reentrant checkpointing keeps gradients of parameters whose inputs do not
     require grad (frozen earlier stages) and restores the RNG state, so dropout and
-    drop path replay exactly. Modules exposing ``update_bn_stats`` skip updating
-    BatchNorm running statistics during the recompute, so they move once per step
-    as without checkpointing.
+    drop path replay exactly. While the backward recomputes the block, its BatchNorm
+    layers (of any class, SyncBatchNorm included) run with momentum 0 and their
+    ``num_batches_tracked`` is restored afterwards, so the running statistics move
+    once per step, as without checkpointing.
     """
     calls = [0]
 
@@ -244,10 +149,16 @@ def checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         calls[0] += 1
         if calls[0] == 1:
             return block(inp)
-        _set_bn_stat_updates(block, False)
+        norms = [m for m in block.modules() if isinstance(m, _BatchNorm) and m.training
+                 and m.track_running_stats]
+        saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+        for m in norms:
+            m.momentum = 0.
         try:
             return block(inp)
         finally:
-            _set_bn_stat_updates(block, True)
+            for m, (momentum, tracked) in zip(norms, saved):
+                m.momentum = momentum
+                m.num_batches_tracked.copy_(tracked)
 
     return checkpoint(run, x, use_reentrant=False)

@@ -1,4 +1,4 @@
-"""Pale Transformer backbone (arXiv 2112.14000), see ``shared/design/pale.md``.
+"""Pale Transformer backbone (arXiv 2112.14000), defined in ``docs/pale_transformer.md``.
 
 One implementation serves mmdet/mmseg (``PaleTransformer``, a tuple of NCHW maps
 at strides 4/8/16/32) and timm (``PaleClassifier``, final norm + pool + Linear).
@@ -15,9 +15,9 @@ from typing import Iterator, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..ops import fast_path
 from .classifier import ClassifierMixin
-from .cpu_dwconv import can_fuse_dwconv, fused_dwconv3x3
-from .layers import ConvPatchEmbed, DropPath, Mlp, check_pale_size
+from .layers import ConvPatchEmbed, DropPath, Mlp, check_heads, check_pale_size
 from .pale_attention import PSAttention
 from .pyramid import PyramidBackbone
 
@@ -41,25 +41,14 @@ class PaleBlock(nn.Module):
         self.mlp = Mlp(embed_dims, int(embed_dims * mlp_ratio), drop=drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = fast_path(self, x)
+        if fast is not None:
+            return fast(x)
         B, H, W, C = x.shape
-        if can_fuse_dwconv(x, self.cpe.weight, self.cpe.bias):
-            # fp32 CPU inference: x + CPE(x) in one pass (pale_mm/csrc/dwconv_cpu.cpp)
-            x = fused_dwconv3x3(x, self.cpe.weight, self.cpe.bias, residual=True)[0]
-        else:
-            cpe = self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-            if torch.is_grad_enabled() or not cpe.is_contiguous() or cpe.dtype != x.dtype:
-                x = x + cpe  # (under autocast the conv output is bf16/fp16: the sum promotes)
-            else:  # inference: add in place into the fresh conv output (x + cpe, the same sum)
-                x = cpe.add_(x)
-        if self.training and self.drop_path.drop_prob > 0:
-            attn = self.attn(self.norm1(x).view(B, H * W, C), (H, W))
-            x = x + self.drop_path(attn.view(B, H, W, C))
-            return x + self.drop_path(self.mlp(self.norm2(x)))
-        # no drop path: the residual adds go into the attention's output projection
-        # and the MLP's fc2 (fused into the GEMM at fp32 CPU inference)
-        x = self.attn(self.norm1(x).view(B, H * W, C), (H, W), identity=x.reshape(B, H * W, C))
-        x = x.view(B, H, W, C)
-        return self.mlp(self.norm2(x), identity=x)
+        x = x + self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        attn = self.attn(self.norm1(x).reshape(B, H * W, C), (H, W))
+        x = x + self.drop_path(attn.reshape(B, H, W, C))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class PaleTransformer(PyramidBackbone):
@@ -138,12 +127,7 @@ class PaleTransformer(PyramidBackbone):
             raise ValueError(f'arch embed_dims {dims}, depths {depths} and num_heads {heads} '
                              f'must have one entry per stage')
         for i, (d, h) in enumerate(zip(dims, heads)):
-            if h < 2 or h % 2:
-                raise ValueError(f'stage {i}: PS-Attention splits heads between a row and a '
-                                 f'column branch, so num_heads must be even, got {h}')
-            if d % h:
-                raise ValueError(f'stage {i}: embed dims {d} cannot be split into two '
-                                 f'branches of {h // 2} heads: {d} is not divisible by {h}')
+            check_heads(d, h, where=f'stage {i}: ')
         return dict(embed_dims=dims, depths=depths, num_heads=heads)
 
     @staticmethod

@@ -14,10 +14,11 @@ allocated), multiply-adds (``pale_mm.flops``, attention included) and the achiev
 GFLOP/s as a fraction of this machine's fp32 GEMM rate (the best 2048^3 GEMM, BLAS
 or oneDNN, measured at the start and at the end of the run). On the CPU, inference
 rows also time our model with its oneDNN linear turned off (``F.linear``, as Swin
-uses), and Pale rows (inference and training) with its fused CPU attention kernel
-turned off (``F.scaled_dot_product_attention``), interleaved with the others, to
-show what each adds. An
-attention-level sweep times PS-Attention, Swin window attention and global
+uses), and Pale rows (inference and training) with its fused CPU kernels turned off
+(``F.scaled_dot_product_attention``, ``F.conv2d``: what a CPU without AVX-512 runs).
+Every row also times the reference model, all fast paths off (``PALE_MM_FAST_PATHS=0``).
+All variants run interleaved with the others, to show what each adds. An
+attention-level sweep times PS-Attention (its fast path), Swin window attention and global
 attention at equal width over growing token grids and fits time ~ tokens^p.
 Memory at scale: peak training memory of Pale-T and Swin-T with and without
 ``with_cp``, and the largest square input that fits a memory budget. Results go
@@ -210,7 +211,7 @@ def gemm_rate(device, n=2048, reps=5):
     b = torch.randn(n, n, device=device)
     fns = [lambda: a @ b]
     if device.type == 'cpu':
-        from pale_mm.models.layers import _ONEDNN_LINEAR
+        from pale_mm.ops.linear import _ONEDNN_LINEAR
         if _ONEDNN_LINEAR is not None and torch.backends.mkldnn.is_available():
             fns.append(lambda: _ONEDNN_LINEAR(a, b, None, 'none', [], 'none'))
     best = min(timed(fn, device) for fn in fns for _ in range(reps + 1))
@@ -227,8 +228,10 @@ def fit_exponent(tokens, times):
 # ----------------------------------------------------------------------------- sections
 def bench_backbones(args, device, gemm, bar):
     from pale_mm.flops import count_flops
-    from pale_mm.models.cpu_attention import cpu_attention_available, set_cpu_attention
-    from pale_mm.models.layers import set_fast_cpu_linear
+    from pale_mm.ops import set_fast_paths
+    from pale_mm.ops.attention import cpu_attention_available, set_cpu_attention
+    from pale_mm.ops.dwconv import set_fused_dwconv
+    from pale_mm.ops.linear import set_fast_cpu_linear
     rows = []
     for spec in args.models:
         for res in args.res:
@@ -240,14 +243,19 @@ def bench_backbones(args, device, gemm, bar):
             models = {k: _maybe_compile(m.to(device), args.compile) for k, m in models.items()}
             for mode in args.modes:
                 steps = {k: make_step(m, x, mode, args.amp) for k, m in models.items()}
+                if not args.compile:
+                    # the reference model: every fast path off (PALE_MM_FAST_PATHS=0)
+                    steps['ours_reference'] = _switched_off(steps['ours'], set_fast_paths)
                 if device.type == 'cpu' and not (args.amp or args.compile):
                     if mode == 'infer':
                         # the same model with the oneDNN inference linear off (F.linear)
                         steps['ours_plain_linear'] = _switched_off(steps['ours'],
                                                                    set_fast_cpu_linear)
                     if spec.startswith('pale:') and cpu_attention_available():
-                        # ... and with the fused CPU attention kernel off (SDPA)
-                        steps['ours_sdpa'] = _switched_off(steps['ours'], set_cpu_attention)
+                        # ... and with the fused CPU kernels off (SDPA, F.conv2d), as on a
+                        # CPU without AVX-512
+                        steps['ours_no_kernels'] = _switched_off(
+                            steps['ours'], set_cpu_attention, set_fused_dwconv)
                 mem = {k: measure_peak(n, (h, w), mode, device, args.amp, batch=args.batch,
                                        compile=args.compile)
                        for k, n in (('ours', spec), ('swin', 'swin:' + SWIN_PEER[spec]))}
@@ -271,7 +279,7 @@ def bench_backbones(args, device, gemm, bar):
                         gemm_fraction=2 * madds[k] * factor / med[k] / gemm,
                         first_call_s=first[k])
                 row['ratio_ours_over_swin'] = med['swin'] / med['ours']
-                for variant in ('plain_linear', 'sdpa'):
+                for variant in ('reference', 'plain_linear', 'no_kernels'):
                     if f'ours_{variant}' in med:
                         row[f'ratio_{variant}_over_swin'] = med['swin'] / med[f'ours_{variant}']
                         row[f'ours_{variant}_median_s'] = med[f'ours_{variant}']
@@ -283,14 +291,16 @@ def bench_backbones(args, device, gemm, bar):
     return rows
 
 
-def _switched_off(step, switch):
-    """``step`` with one of our fast paths off (``switch`` as ``set_fast_cpu_linear``)."""
+def _switched_off(step, *switches):
+    """``step`` with some of our fast paths off (each switch as ``set_fast_paths``:
+    takes a bool, returns the previous setting)."""
     def run():
-        previous = switch(False)
+        previous = [switch(False) for switch in switches]
         try:
             step()
         finally:
-            switch(previous)
+            for switch, p in zip(switches, previous):
+                switch(p)
     return run
 
 
@@ -298,8 +308,10 @@ def fmt_row(r):
     p, s = r['ours'], r['swin']
     plain = r.get('ratio_plain_linear_over_swin')
     plain = f' ({plain:.2f}x with F.linear)' if plain else ''
-    if r.get('ratio_sdpa_over_swin'):
-        plain += f" ({r['ratio_sdpa_over_swin']:.2f}x with SDPA)"
+    if r.get('ratio_no_kernels_over_swin'):
+        plain += f" ({r['ratio_no_kernels_over_swin']:.2f}x without the CPU kernels)"
+    if r.get('ratio_reference_over_swin'):
+        plain += f" ({r['ratio_reference_over_swin']:.2f}x reference)"
     mode = r['mode'] + ('*' if r.get('compiled') else '')
     return (f"{r['model']:>13} {r['res']:>9} {mode:>6} | ours {p['img_per_s']:7.2f} img/s "
             f"{p['peak_mem_mb']:7.0f} MB {p['gmadds']:6.1f} GMACs {100 * p['gemm_fraction']:4.0f}% "
@@ -336,9 +348,12 @@ class _WindowAttention(torch.nn.Module):
 
 def bench_attention(args, device, bar):
     from pale_mm.models import PSAttention
+    from pale_mm.ops.pale import ps_attention
     dim, heads = args.sweep_dim, args.sweep_heads
-    mods = {'pale': PSAttention(dim, heads, 7), 'window': _WindowAttention(dim, heads),
+    pale = PSAttention(dim, heads, 7)
+    mods = {'pale': pale, 'window': _WindowAttention(dim, heads),
             'global': _GlobalAttention(dim, heads)}
+    calls = {'pale': lambda x, hw: ps_attention(pale, x, hw)}
     out = {k: [] for k in mods}
     for h, w in args.sweep:
         x = torch.randn(1, h * w, dim, device=device)
@@ -346,9 +361,10 @@ def bench_attention(args, device, bar):
             m.to(device).eval()
             if k == 'global' and (h * w) ** 2 * dim > args.global_limit:
                 continue  # quadratic: skip grids that would take minutes
+            call = calls.get(k, m)
             with torch.no_grad():
-                m(x, (h, w))
-                ts = [timed(lambda: m(x, (h, w)), device) for _ in range(args.sweep_reps)]
+                call(x, (h, w))
+                ts = [timed(lambda: call(x, (h, w)), device) for _ in range(args.sweep_reps)]
             out[k].append(dict(hw=[h, w], tokens=h * w, median_s=statistics.median(ts)))
         bar.update(1)
     fits = {k: fit_exponent([r['tokens'] for r in v], [r['median_s'] for r in v])

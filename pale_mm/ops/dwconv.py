@@ -4,13 +4,13 @@ Each Pale block runs four depthwise 3x3 convs over channels-last maps: the CPE
 (``x + cpe(x)``) and PS-Attention's q, k and v convs, all three over the same
 normed map. PyTorch's oneDNN depthwise conv takes each as a separate pass, slowly
 at these sizes (about 0.18 ms per call on a 32x32x256 map here). The kernel of
-``pale_mm/csrc/dwconv_cpu.cpp`` keeps a channel block's weights in registers and
+``csrc/dwconv_cpu.cpp`` keeps a channel block's weights in registers and
 computes all the outputs of one input in a single pass: the three q/k/v convs
 together, and the CPE with its residual add. Same function as ``F.conv2d`` to fp32
 rounding (``tests/test_cpu_dwconv.py``).
 
-It is part of the CPU attention kernel's extension (:mod:`.cpu_attention`: built on
-first use; ``PALE_MM_CPU_ATTENTION=0`` turns the whole extension off) and serves
+It is part of the CPU kernels' extension (:mod:`.kernels`: built on first use;
+``PALE_MM_FAST_PATHS=0`` turns it off with every other fast path) and serves
 only where no gradient is needed: CPU float32 tensors outside autocast, tracing and
 ``torch.compile``. Everything else uses ``F.conv2d``. :func:`set_fused_dwconv`
 switches it at run time.
@@ -19,8 +19,8 @@ from typing import List, Optional
 
 import torch
 
-from . import cpu_attention
-from .layers import _autocast_on, _needs_grad
+from . import fast_paths_enabled, is_tracing, kernels
+from .linear import autocast_on, needs_grad
 
 __all__ = ['can_fuse_dwconv', 'set_fused_dwconv', 'fused_dwconv3x3']
 
@@ -37,12 +37,12 @@ def set_fused_dwconv(enabled: bool) -> bool:
 def can_fuse_dwconv(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     """Whether :func:`fused_dwconv3x3` serves the map ``x`` with these parameters:
     inference (no gradient needed), fp32 CPU, outside autocast, tracing and compile."""
-    if cpu_attention._tracing_or_compiling() or _needs_grad(x, *params):
+    if is_tracing() or needs_grad(x, *params):
         return False
     tensors = (x,) + tuple(p for p in params if p is not None)
-    return bool(_enabled[0] and x.device.type == 'cpu' and x.dim() == 4
-                and all(t.dtype == torch.float32 for t in tensors)
-                and not _autocast_on() and cpu_attention._load() is not None)
+    return bool(_enabled[0] and fast_paths_enabled() and x.device.type == 'cpu'
+                and x.dim() == 4 and all(t.dtype == torch.float32 for t in tensors)
+                and not autocast_on() and kernels.load() is not None)
 
 
 def fused_dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -70,5 +70,5 @@ def fused_dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     w = weight.view(sets, C, 3, 3).permute(0, 2, 3, 1).contiguous()
     b = x.new_zeros(sets, C) if bias is None else bias.reshape(sets, C).contiguous()
     outs = [torch.empty_like(x) for _ in range(sets)]
-    cpu_attention._load().dwconv3x3(x, w, b, outs, residual)
+    kernels.load().dwconv3x3(x, w, b, outs, residual)
     return outs

@@ -1,0 +1,142 @@
+"""Optional speed paths for pale_mm's models, behind one switch.
+
+The model files (:mod:`pale_mm.models`) are the reference: every module's forward
+calls its own layers, so SyncBatchNorm conversion, hooks, FLOP counters, FX and ONNX
+export see the model that runs. This package holds faster implementations of a few
+of those forwards, each proven equal to the reference in the tests:
+
+- :mod:`.pale`: the Pale block (CPE, PS-Attention, MLP) with copy-once pale grouping,
+  BatchNorm folded into the q/k/v projections, residual adds fused into the output
+  GEMMs, and the CPU kernels below; the MLP with its GELU recomputed in the backward
+  instead of stored, for all three backbones.
+- :mod:`.linear`: oneDNN's linear with fused GELU / residual post-ops (fp32 CPU
+  inference).
+- :mod:`.attention`, :mod:`.dwconv`: fused fp32 CPU kernels (AVX-512) for pale
+  attention and the block's depthwise convs, built on first use (:mod:`.kernels`).
+
+A model reaches them through one dispatch point, :func:`fast_path`, called first
+in the forward of the modules that have a fast implementation. It returns ``None``,
+and the reference forward runs, whenever a fast path could differ from what a
+standard tool expects to see:
+
+- fast paths are switched off: :func:`set_fast_paths` or ``PALE_MM_FAST_PATHS=0``;
+- the model is being traced, scripted, compiled or exported (``torch.jit``,
+  ``torch.fx``, ``torch.compile``, ``torch.onnx``);
+- the module or any of its submodules has been converted or replaced (e.g.
+  ``nn.SyncBatchNorm.convert_sync_batchnorm``, ``fuse_conv_bn``, parametrizations),
+  or carries a hook (or a global module hook is registered).
+"""
+import functools
+import os
+from typing import Callable, Dict, Optional, Tuple, Type
+
+import torch
+import torch.nn as nn
+from torch.nn.modules import module as _module
+
+__all__ = ['set_fast_paths', 'fast_paths_enabled', 'fast_path', 'register_fast_path',
+           'is_tracing', 'fx_tracing']
+
+ENV = 'PALE_MM_FAST_PATHS'
+
+
+def _env_enabled() -> bool:
+    value = os.environ.get(ENV, '1').strip().lower()
+    if value in ('1', 'on', 'true', 'auto', ''):
+        return True
+    if value in ('0', 'off', 'false'):
+        return False
+    raise ValueError(f'{ENV} must be 1 (fast paths on, the default) or 0 (every fast path '
+                     f'off: the reference model runs), got {value!r}')
+
+
+_enabled = [_env_enabled()]
+
+
+def set_fast_paths(enabled: bool) -> bool:
+    """Turn every fast path on or off at run time; returns the previous setting.
+    Off, every module runs its reference forward (``PALE_MM_FAST_PATHS=0`` sets the
+    initial state)."""
+    previous = _enabled[0]
+    _enabled[0] = bool(enabled)
+    return previous
+
+
+def fast_paths_enabled() -> bool:
+    return _enabled[0]
+
+
+def fx_tracing() -> bool:
+    """Whether ``torch.fx`` is symbolically tracing (tensors are proxies)."""
+    fx = torch.fx._symbolic_trace
+    if hasattr(fx, 'is_fx_symbolic_tracing'):  # torch >= 2.5; is_fx_tracing() warns there
+        return fx.is_fx_symbolic_tracing()
+    return fx.is_fx_tracing()
+
+
+def is_tracing() -> bool:
+    """Under ``torch.compile``, ``torch.jit`` tracing or scripting, ``torch.fx``
+    symbolic tracing or ``torch.onnx`` export. Ask this before looking at any tensor:
+    the other checks would break a graph or a trace."""
+    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    return fx_tracing() or torch.onnx.is_in_onnx_export()
+
+
+# module class -> (fast forward, {submodule name: its exact class}, predicate)
+_REGISTRY: Dict[type, Tuple[Callable, Dict[str, Type[nn.Module]], Callable]] = {}
+
+
+def register_fast_path(cls: type, layout: Dict[str, Type[nn.Module]],
+                       applies: Callable[[nn.Module], bool] = lambda m: True):
+    """Decorator: the function is the fast forward of modules of exactly class
+    ``cls`` whose submodules are exactly ``layout`` (name -> class; every submodule
+    must be listed), carry no hooks, and for which ``applies(module)`` holds (a
+    setting the fast forward does not cover sends the module to its reference
+    forward). Its arguments are the module, then the module's forward arguments."""
+    def register(fn):
+        _REGISTRY[cls] = (fn, dict(layout), applies)
+        return fn
+    return register
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    return bool(getattr(_module, '_global_forward_hooks', None)
+                or getattr(_module, '_global_forward_pre_hooks', None)
+                or getattr(_module, '_global_backward_hooks', None)
+                or getattr(_module, '_global_backward_pre_hooks', None))
+
+
+def _as_built(module: nn.Module, layout: Dict[str, Type[nn.Module]]) -> bool:
+    """Every submodule has exactly the class it was built with and no hook."""
+    if _has_hooks(module):
+        return False
+    seen = 0
+    for name, m in module.named_modules():
+        if not name:
+            continue
+        if layout.get(name) is not type(m) or _has_hooks(m):
+            return False
+        seen += 1
+    return seen == len(layout)
+
+
+def fast_path(module: nn.Module, *args) -> Optional[Callable]:
+    """The fast forward of ``module`` bound to it (call it with the forward's
+    arguments), or ``None`` where the reference forward must run (see the module
+    docstring). ``args``: the forward's tensor arguments, which must be plain
+    tensors."""
+    if not _enabled[0] or is_tracing():
+        return None
+    entry = _REGISTRY.get(type(module))
+    if entry is None or _global_hooks() or not all(type(a) is torch.Tensor for a in args):
+        return None
+    fn, layout, applies = entry
+    if not (_as_built(module, layout) and applies(module)):
+        return None
+    return functools.partial(fn, module)

@@ -1,0 +1,109 @@
+"""oneDNN's linear for fp32 CPU inference, and the MLP's GELU recomputed in the
+backward: speed paths of :mod:`pale_mm.ops` (see :mod:`.pale` for where they are used).
+"""
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from . import is_tracing
+
+__all__ = ['linear', 'set_fast_cpu_linear', 'GeluLinear', 'autocast_on', 'needs_grad']
+
+
+def _find_onednn_linear(overload: str):
+    """``mkldnn::_linear_pointwise.<overload>``, or ``None`` on builds without it."""
+    try:
+        return getattr(torch.ops.mkldnn._linear_pointwise, overload)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN_LINEAR = _find_onednn_linear('default')
+_ONEDNN_LINEAR_ADD = _find_onednn_linear('binary')  # with a binary post-op ('add')
+_fast_cpu_linear = [True]
+
+
+def set_fast_cpu_linear(enabled: bool) -> bool:
+    """Turn the oneDNN inference path of :func:`linear` on or off; returns the
+    previous setting (used by the benchmark to show its effect)."""
+    previous = _fast_cpu_linear[0]
+    _fast_cpu_linear[0] = bool(enabled)
+    return previous
+
+
+def autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled('cpu')
+    except TypeError:  # older torch
+        return torch.is_autocast_cpu_enabled()
+
+
+def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """oneDNN's linear serves fp32 CPU tensors outside autocast, tracing (the FLOP
+    counter traces ``aten::linear``) and torch.compile (inductor picks its own kernels)."""
+    if is_tracing():  # first: the checks below would break the graph
+        return False
+    return (_fast_cpu_linear[0] and _ONEDNN_LINEAR is not None and x.device.type == 'cpu'
+            and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and not autocast_on())
+
+
+def needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, gelu: bool = False,
+           residual=None):
+    """``F.linear`` (then exact GELU when ``gelu``) on the last dim of ``x``; with a
+    ``residual`` (shaped like the output), ``residual + out``.
+
+    At fp32 CPU inference it runs oneDNN's linear (``mkldnn::_linear_pointwise``,
+    what inductor uses on CPU) with the GELU, or the residual add, fused as a
+    post-op: one pass less over the output, and on some CPUs (AMD) oneDNN's GEMM is
+    markedly faster than the BLAS behind ``F.linear``. With autograd, autocast,
+    tracing or on other devices it is ``F.linear`` (+ ``F.gelu``, + ``residual``).
+    :func:`set_fast_cpu_linear` turns it off."""
+    if not needs_grad(x, weight, bias, residual) and _onednn_ok(x, weight):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        shape = (*x.shape[:-1], weight.shape[0])
+        if residual is not None and not gelu and _ONEDNN_LINEAR_ADD is not None \
+                and residual.shape == shape and residual.dtype == x.dtype:
+            out = _ONEDNN_LINEAR_ADD(x2, residual.reshape(x2.shape[0], -1).contiguous(),
+                                     weight.contiguous(), bias, 'add')
+            return out.view(shape)
+        out = _ONEDNN_LINEAR(x2, weight.contiguous(), bias, 'gelu' if gelu else 'none', [],
+                             'none').view(shape)
+    else:
+        out = F.linear(x, weight, bias)
+        out = F.gelu(out) if gelu else out
+    return out if residual is None else residual + out
+
+
+class GeluLinear(torch.autograd.Function):
+    """``F.linear(F.gelu(h), weight, bias)`` that saves ``h`` but not ``gelu(h)``:
+    the backward recomputes the activation (one elementwise op) instead of keeping
+    a second hidden-width tensor alive per block. Gradients are the same ops as
+    autograd's; under autocast the weight is cast like ``F.linear`` does."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(F.gelu(h), weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        h, weight = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_h = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = g.mm(weight.to(g.dtype)).view(h.shape).to(h.dtype)
+            grad_h = torch.ops.aten.gelu_backward(grad_a, h)
+        if ctx.needs_input_grad[1]:
+            a = F.gelu(h).reshape(-1, h.shape[-1]).to(g.dtype)
+            grad_w = g.t().mm(a).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0).to(weight.dtype)
+        return grad_h, grad_w, grad_b
