@@ -98,13 +98,23 @@ def test_bad_inputs(bad, match):
         _small()(bad)
 
 
+@pytest.mark.parametrize('alias,name', [('t', 'tiny'), ('S', 'small'), ('b', 'base'),
+                                        ('Tiny', 'tiny')])
+def test_arch_aliases_as_in_mmpretrain(alias, name):
+    arch = PaleTransformer._parse_arch(alias)
+    assert arch == PaleTransformer._parse_arch(name) == {
+        k: list(v) for k, v in PaleTransformer.arch_zoo[name].items()}
+
+
 def test_bad_input_type():
     with pytest.raises(TypeError, match='torch.Tensor'):
         _small()([1, 2, 3])
 
 
 @pytest.mark.parametrize('kwargs,exc,match', [
-    (dict(arch='huge'), ValueError, r"valid archs are \['base', 'small', 'tiny'\]"),
+    (dict(arch='huge'), ValueError,
+     r"unknown PaleTransformer arch 'huge'; valid archs are \['b', 'base', .*'tiny'\]"),
+    (dict(arch=['tiny']), TypeError, 'arch must be a str or a dict'),
     (dict(arch=dict(embed_dims=16, depths=[1, 1])), ValueError, 'missing keys'),
     (dict(arch=dict(embed_dims=16, depths=[1], num_heads=[3])), ValueError, 'even'),
     (dict(arch=dict(embed_dims=20, depths=[1], num_heads=[8])), ValueError,

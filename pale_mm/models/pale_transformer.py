@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import fast_path
+from .arch import SIZE_ALIASES, drop_path_rates, parse_arch
 from .classifier import ClassifierMixin
 from .layers import ConvPatchEmbed, DropPath, Mlp, check_heads, check_pale_size
 from .pale_attention import PSAttention
@@ -97,7 +98,7 @@ class PaleTransformer(PyramidBackbone):
                          with_cp, pretrained, init_cfg)
         self.pale_sizes = self._parse_pale_size(pale_size, self.num_stages)
 
-        dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        dpr = drop_path_rates(drop_path_rate, self.depths)
         self.patch_embeds = nn.ModuleList()
         self.stages = nn.ModuleList()
         prev, cursor = in_channels, 0
@@ -116,19 +117,13 @@ class PaleTransformer(PyramidBackbone):
     # ------------------------------------------------------------------ config
     @classmethod
     def _parse_arch(cls, arch) -> dict:
-        arch = cls._lookup_arch(arch, ('embed_dims', 'depths', 'num_heads'))
-        depths = list(arch['depths'])
-        dims = arch['embed_dims']
-        dims = [dims * 2 ** i for i in range(len(depths))] if isinstance(dims, int) \
-            else list(dims)
-        heads = arch['num_heads']
-        heads = [heads] * len(depths) if isinstance(heads, int) else list(heads)
-        if not (len(dims) == len(depths) == len(heads)) or not depths:
-            raise ValueError(f'arch embed_dims {dims}, depths {depths} and num_heads {heads} '
-                             f'must have one entry per stage')
-        for i, (d, h) in enumerate(zip(dims, heads)):
+        """``arch`` (``'tiny'``/``'t'``, ``'small'``/``'s'``, ``'base'``/``'b'`` or a dict)
+        as per-stage lists (:func:`~.arch.parse_arch`), heads checked per stage."""
+        arch = parse_arch(arch, cls.arch_zoo, ('embed_dims', 'depths', 'num_heads'),
+                          SIZE_ALIASES, owner=cls.__name__)
+        for i, (d, h) in enumerate(zip(arch['embed_dims'], arch['num_heads'])):
             check_heads(d, h, where=f'stage {i}: ')
-        return dict(embed_dims=dims, depths=depths, num_heads=heads)
+        return arch
 
     @staticmethod
     def _parse_pale_size(pale_size, num_stages: int) -> List[Tuple[int, int]]:

@@ -12,7 +12,6 @@ A subclass builds its modules, then calls ``self._finish_init()``; it provides
 
 Checkpoint reading and loading live in ``checkpoint.py``.
 """
-import copy
 import warnings
 from typing import Iterator, List, Sequence
 
@@ -81,24 +80,6 @@ class PyramidBackbone(BaseModule):
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.with_cp = with_cp
-
-    @classmethod
-    def _lookup_arch(cls, arch, required) -> dict:
-        """``arch`` (a name in ``cls.arch_zoo`` or a dict) as a fresh dict holding at
-        least the ``required`` keys; a clear error otherwise."""
-        keys = ', '.join(required[:-1]) + ' and ' + required[-1]
-        if isinstance(arch, str):
-            if arch not in cls.arch_zoo:
-                raise ValueError(f'unknown {cls.__name__} arch {arch!r}; valid archs are '
-                                 f'{sorted(cls.arch_zoo)} or a dict with keys {keys}')
-            arch = cls.arch_zoo[arch]
-        if not isinstance(arch, dict):
-            raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
-        missing = set(required) - set(arch)
-        if missing:
-            raise ValueError(f'custom arch dict is missing keys {sorted(missing)}; it needs '
-                             f'{keys}')
-        return copy.deepcopy(dict(arch))
 
     # Stage-indexed ModuleLists, cut by ``_truncate_stages``.
     _stage_lists = ('patch_embeds', 'stages')
