@@ -114,7 +114,8 @@ class ClassifierMixin:
         if not hasattr(self, 'output_fmt'):
             self.output_fmt = 'NHWC'
         self.num_features = self.head_hidden_size = self.embed_dims[-1]
-        self.norm = nn.LayerNorm(self.num_features, eps=getattr(self, 'norm_eps', 1e-5))
+        self.norm = nn.LayerNorm(self.num_features, eps=getattr(self, 'norm_eps', 1e-5),
+                                 **_device_dtype(self))  # where the body is
         self.head_drop = nn.Dropout(drop_rate)
         self.head = self._make_head(num_classes)
         self.feature_info = [
