@@ -29,7 +29,12 @@ Relative tolerance alone fails where the result is near zero by cancellation (a
 weight gradient, a difference of two branches): the error is relative to the size
 of the terms, not of the result. The absolute tolerance is therefore the same
 factor times the *typical* size of the compared values, the RMS of the expected
-tensor (``ref``), or 1 when the values are of unit scale (after a LayerNorm).
+tensor (``ref``), or 1 when the values are of unit scale (after a LayerNorm). Where
+a whole tensor is cancellation residue, zero in exact arithmetic (the gradient of a
+LayerNorm's weight when a BatchNorm follows, which cancels any per-channel scale;
+the gradient of a plain sum of LayerNorm outputs), its own RMS is rounding noise and
+says nothing about the terms: pass ``scale``, the size of the terms, e.g. the RMS of
+the gradients of the other parameters of the same module.
 
 For fp32 and K = 256, depth 4 this gives 6e-5, orders of magnitude below what a
 real bug (a wrong mask, a missing term, a transposed weight) produces (>= 1e-3
@@ -44,31 +49,41 @@ import torch
 SAFETY = 16.0
 
 
-def fp_tol(reduction_size, *, depth=1, ref=None, dtype=torch.float32, safety=SAFETY):
+def fp_tol(reduction_size, *, depth=1, ref=None, scale=None, dtype=torch.float32,
+           safety=SAFETY):
     """``dict(rtol=..., atol=...)`` for ``torch.testing.assert_close`` comparing two
     computations in ``dtype`` whose longest reductions sum ``reduction_size`` terms
     (a GEMM's K, a conv's ``C_in * kh * kw``, a weight gradient's ``N * H * W``),
-    ``depth`` of them in sequence. ``ref``: the expected tensor, whose RMS sets the
-    absolute tolerance (default: values of unit scale)."""
+    ``depth`` of them in sequence. The absolute tolerance is relative to ``scale``,
+    else to the RMS of ``ref`` (the expected tensor), else to 1."""
     if reduction_size < 1 or depth < 1:
         raise ValueError(f'reduction_size and depth must be >= 1, got {reduction_size}, {depth}')
     rtol = safety * torch.finfo(dtype).eps * math.sqrt(reduction_size * depth)
-    scale = 1.0
-    if ref is not None:
-        r = ref.detach().double()
-        scale = float(r.pow(2).mean().sqrt()) if r.numel() else 1.0
-        scale = scale if scale > 0 else 1.0
-    return dict(rtol=rtol, atol=rtol * scale)
+    if scale is None:
+        scale = rms(ref) if ref is not None else 1.0
+    return dict(rtol=rtol, atol=rtol * (scale if scale > 0 else 1.0))
 
 
-def fp32_tol(reduction_size, *, depth=1, ref=None, safety=SAFETY):
+def rms(t) -> float:
+    """Root mean square of a tensor (0 for an empty one), in float64."""
+    t = t.detach().double()
+    return float(t.pow(2).mean().sqrt()) if t.numel() else 0.0
+
+
+def fp32_tol(reduction_size, *, depth=1, ref=None, scale=None, safety=SAFETY):
     """:func:`fp_tol` for float32."""
-    return fp_tol(reduction_size, depth=depth, ref=ref, dtype=torch.float32, safety=safety)
+    return fp_tol(reduction_size, depth=depth, ref=ref, scale=scale, dtype=torch.float32,
+                  safety=safety)
 
 
-def assert_close_fp(actual, expected, reduction_size, *, depth=1, msg=None, safety=SAFETY):
+def assert_close_fp(actual, expected, reduction_size, *, depth=1, scale=None, msg=None,
+                    safety=SAFETY):
     """``torch.testing.assert_close`` with :func:`fp_tol` for ``expected``'s dtype and
-    scale."""
-    tol = fp_tol(reduction_size, depth=depth, ref=expected, dtype=expected.dtype,
-                 safety=safety)
-    torch.testing.assert_close(actual, expected, msg=msg, **tol)
+    scale (or the given ``scale``). On failure the message also names the tolerance."""
+    tol = fp_tol(reduction_size, depth=depth, ref=expected, scale=scale,
+                 dtype=expected.dtype, safety=safety)
+    prefix = f'{msg}: ' if msg else ''
+    torch.testing.assert_close(
+        actual, expected,
+        msg=lambda m: f'{prefix}{m}\n(fp tolerance for K={reduction_size}, depth={depth}: '
+                      f'rtol={tol["rtol"]:.2e}, atol={tol["atol"]:.2e})', **tol)
