@@ -6,7 +6,9 @@
     python tools/analysis/get_flops.py configs/pale/X.py --shape 800 1216   # backbone of a config
 
 Attention is counted (mmengine has no handle for scaled_dot_product_attention and
-would count it as zero; pale_mm.flops adds one). FLOPs are multiply-adds.
+would count it as zero; pale_mm.flops adds one, and ``import pale_mm`` registers it
+with mmengine, so mmdet's and mmseg's own tools/analysis_tools/get_flops.py, run on a
+config that imports pale_mm, count it too). FLOPs are multiply-adds.
 """
 import argparse
 import os
