@@ -1,5 +1,6 @@
 import os
 import sys
+import time
 import warnings
 
 import pytest
@@ -16,9 +17,53 @@ for p in (ROOT, HERE):
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        '--cpu-durations', type=int, default=None, metavar='N',
+        help='list the N tests that used the most CPU time (this process and the '
+             'subprocesses it waited for; 0 lists all). Unlike --durations (wall '
+             'time) it hardly changes when other jobs share the cores.')
+
+
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: end-to-end test (deselect with -m "not slow")')
     warnings.filterwarnings('ignore', category=DeprecationWarning)
+    config._pale_cpu_times = []
+
+
+def _cpu_seconds():
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if item.config.getoption('cpu_durations') is None:
+        yield
+        return
+    cpu, wall = _cpu_seconds(), time.perf_counter()
+    yield
+    row = (_cpu_seconds() - cpu, time.perf_counter() - wall, item.nodeid)
+    item.config._pale_cpu_times.append(row)
+    path = os.environ.get('PALE_MM_CPU_TIMES_LOG')
+    if path:  # as they finish, for runs that may not get to the summary
+        with open(path, 'a') as f:
+            f.write(f'{row[0]:8.1f}s cpu {row[1]:8.1f}s wall  {row[2]}\n')
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    n = config.getoption('cpu_durations')
+    if n is None:
+        return
+    rows = sorted(config._pale_cpu_times, reverse=True)
+    total_cpu = sum(r[0] for r in rows)
+    total_wall = sum(r[1] for r in rows)
+    terminalreporter.write_sep('=', f'CPU time per test (setup + call + teardown), '
+                                    f'{"all" if not n else f"top {n}"}')
+    for cpu, wall, nodeid in (rows if not n else rows[:n]):
+        terminalreporter.write_line(f'{cpu:8.1f}s cpu {wall:8.1f}s wall  {nodeid}')
+    terminalreporter.write_line(f'{total_cpu:8.1f}s cpu {total_wall:8.1f}s wall  '
+                                f'total of {len(rows)} tests')
 
 
 @pytest.fixture(autouse=True)

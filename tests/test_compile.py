@@ -7,7 +7,9 @@ import copy
 import pytest
 import torch
 
+from test_backbone import TINY_DEPTH
 from test_backbone_interface import FAMILIES
+from tolerances import assert_close_fp
 
 dynamo = pytest.importorskip('torch._dynamo')
 
@@ -48,21 +50,32 @@ def _train_step(model, x, g):
 
 @pytest.fixture
 def _sdpa_in_eager():
-    """Compiled code computes attention with SDPA (the fused CPU kernel is eager-only),
-    so eager runs SDPA too and the comparison stays exact to the tolerances below;
-    the kernel against SDPA is tests/test_cpu_attention.py's subject."""
-    from pale_mm.models.cpu_attention import set_cpu_attention
-    previous = set_cpu_attention(False)
+    """Compiled code runs the reference forward (the fast paths and the fused CPU
+    kernels are eager-only), so eager runs it too and the comparison is of the same
+    computation; the fast paths against the reference are other tests' subject."""
+    try:
+        from pale_mm.ops import set_fast_paths as switch
+    except ImportError:  # before pale_mm.ops: the CPU kernel's own switch
+        from pale_mm.models.cpu_attention import set_cpu_attention as switch
+    previous = switch(False)
     yield
-    set_cpu_attention(previous)
+    switch(previous)
 
 
-def _compare_compiled(backend, shape, rtol, atol):
+def _compare_compiled(backend, shape):
+    """Outputs, gradients, BN statistics and eval outputs of the compiled model against
+    eager's. Compiled code may order a reduction differently (inductor fuses and
+    splits them), so the tolerance is fp32 rounding of the longest one: the weight
+    gradients' sum over batch x positions at stride 4, through the model's depth."""
     eager = _build('pale')
     compiled_src = copy.deepcopy(eager)
     compiled = torch.compile(compiled_src, backend=backend, fullgraph=True, dynamic=False)
     torch.manual_seed(1)
     x = torch.randn(*shape)
+    k = max(512, shape[0] * -(-shape[2] // 4) * -(-shape[3] // 4))
+
+    def close(a, b, msg=None):
+        assert_close_fp(a, b, k, depth=TINY_DEPTH, msg=msg)
     g = [torch.randn_like(o) for o in eager(x)]
     eager.train()
     compiled_src.train()
@@ -71,22 +84,25 @@ def _compare_compiled(backend, shape, rtol, atol):
     want_out, want_grads = _train_step(eager, x, g)
     got_out, got_grads = _train_step(compiled, x, g)
     for a, b in zip(got_out + got_grads, want_out + want_grads):
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+        close(a, b)
     # BatchNorm running statistics moved exactly once, as in eager mode
-    for (k, a), b in zip(compiled_src.state_dict().items(), eager.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=k)
+    for (name, a), b in zip(compiled_src.state_dict().items(), eager.state_dict().values()):
+        if a.is_floating_point():
+            close(a, b, msg=name)
+        else:
+            assert torch.equal(a, b), name
     eager.eval()
     compiled_src.eval()
     with torch.no_grad():
         for a, b in zip(compiled(x), eager(x)):
-            torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+            close(a, b)
 
 
 def test_aot_eager_matches_eager(_sdpa_in_eager):
     """Odd sizes (padded pale groups, several parts per branch) through AOTAutograd."""
-    _compare_compiled('aot_eager', (2, 3, 70, 90), rtol=1e-5, atol=1e-6)
+    _compare_compiled('aot_eager', (2, 3, 70, 90))
 
 
 @pytest.mark.slow
 def test_inductor_matches_eager(_sdpa_in_eager):
-    _compare_compiled('inductor', (1, 3, 64, 96), rtol=1e-4, atol=1e-4)
+    _compare_compiled('inductor', (1, 3, 64, 96))
