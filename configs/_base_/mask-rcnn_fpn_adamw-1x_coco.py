@@ -1,9 +1,10 @@
-# Shared base of the LIT and ScalableViT Mask R-CNN configs (not of Pale's: editing
-# one family's recipe does not change another's). Mask R-CNN + FPN on COCO, 1x
-# schedule (12 epochs), single scale (1333, 800), batch 16 (8 GPUs x 2), the
-# Swin/CSWin protocol: AdamW lr 1e-4, betas (0.9, 0.999), weight decay 0.05 and none
-# on norm layers; linear warm-up over 1000 iterations; steps at epochs 8 and 11.
-# A config sets model.backbone (with _delete_=True) and model.neck.in_channels.
+# Shared base of the Pale, LIT and ScalableViT Mask R-CNN configs: the common protocol
+# only. Each family's config sets its backbone and drop path in its own file, so editing
+# one family's config does not change another's. Mask R-CNN + FPN on COCO, 1x schedule
+# (12 epochs), single scale (1333, 800), batch 16 (8 GPUs x 2), the Swin/CSWin protocol:
+# AdamW lr 1e-4, betas (0.9, 0.999), weight decay 0.05 and none on norm layers; linear
+# warm-up over 1000 iterations; steps at epochs 8 and 11. A config sets model.backbone
+# (with _delete_=True) and model.neck.in_channels.
 _base_ = [
     'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
     'mmdet::_base_/datasets/coco_instance.py',

@@ -1,10 +1,10 @@
-# Shared base of the LIT and ScalableViT UperNet configs (not of Pale's: editing one
-# family's recipe does not change another's). UperNet on ADE20K, 512x512 crops, 160k
-# iterations, batch 16 (8 GPUs x 2), the Swin/CSWin protocol: AdamW lr 6e-5, betas
-# (0.9, 0.999), weight decay 0.01 and none on norm layers; linear warm-up over 1500
-# iterations, then poly decay (power 1.0); FCN auxiliary head on stage 3 (loss
-# weight 0.4). A config sets model.backbone (with _delete_=True) and the heads'
-# in_channels.
+# Shared base of the Pale, LIT and ScalableViT UperNet configs: the common protocol
+# only. Each family's config sets its backbone and drop path in its own file, so editing
+# one family's config does not change another's. UperNet on ADE20K, 512x512 crops, 160k
+# iterations, batch 16 (8 GPUs x 2), the Swin/CSWin protocol: AdamW lr 6e-5, betas (0.9,
+# 0.999), weight decay 0.01 and none on norm layers; linear warm-up over 1500
+# iterations, then poly decay (power 1.0); FCN auxiliary head on stage 3 (loss weight
+# 0.4). A config sets model.backbone (with _delete_=True) and the heads' in_channels.
 _base_ = [
     'mmseg::_base_/models/upernet_swin.py',
     'mmseg::_base_/datasets/ade20k.py',

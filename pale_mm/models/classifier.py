@@ -56,16 +56,6 @@ class ClassifierMixin:
         ``dtype`` (where and in which dtype to build, as timm's factory passes them),
         the head arguments named in ``head_defaults``; other keyword arguments go to
         the backbone (``drop_rate`` is the head's dropout only, as in timm)."""
-        if 'in_channels' in kwargs and 'out_indices' in kwargs:
-            # A subclass that still calls ``super().__init__`` with backbone arguments
-            # (its own __init__ builds the head): pass them through.
-            if drop_path_rate is not None:
-                kwargs['drop_path_rate'] = drop_path_rate
-            with torch.device(device) if device is not None else nullcontext():
-                super().__init__(arch=arch, **kwargs)
-            if dtype is not None:
-                self.to(dtype=dtype)
-            return
         for key in ('in_channels', 'out_indices'):
             if key in kwargs:
                 raise TypeError(f'{type(self).__name__} got an unexpected keyword argument '

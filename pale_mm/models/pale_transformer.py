@@ -153,12 +153,7 @@ class PaleTransformer(PyramidBackbone):
 
 class PaleClassifier(ClassifierMixin, PaleTransformer):
     """ImageNet classifier (timm ``pale_tiny`` / ``pale_small`` / ``pale_base``): the
-    backbone body plus final LayerNorm ``norm``, global average pool and ``head``."""
-
-    def __init__(self, arch='tiny', num_classes: int = 1000, in_chans: int = 3,
-                 global_pool: str = 'avg', drop_rate: float = 0., drop_path_rate: float = 0.1,
-                 **kwargs):
-        super().__init__(arch=arch, in_channels=in_chans, drop_path_rate=drop_path_rate,
-                         out_indices=(), **kwargs)
-        self._build_head(num_classes, global_pool, drop_rate)
-        self.apply(self._init_module)
+    backbone body plus final LayerNorm ``norm``, global average pool and ``head``
+    (built by :class:`~.classifier.ClassifierMixin`)."""
+    default_arch = 'tiny'
+    default_drop_path_rate = 0.1
