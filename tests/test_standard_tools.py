@@ -448,7 +448,6 @@ def test_mmengine_flops_match_get_flops_tool(pale_t_mmengine):
     assert not [op for op in analyzer.unsupported_ops() if 'attention' in op]
 
 
-@pytest.mark.slow
 def test_mmengine_flops_match_paper_for_pale_tiny():
     """The stock ``get_model_complexity_info`` on timm's ``pale_tiny`` at 224, with
     gradients enabled, gives the paper's figure (tests/test_fidelity.py's PAPER)."""
