@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from pale_mm.models import PaleTransformer
-from tolerances import assert_close_fp, rms
+from tolerances import assert_close_fp, module_scales
 
 TINY = dict(embed_dims=16, depths=[1, 2, 1, 1], num_heads=[2, 2, 4, 4])
 # sequential reductions in TINY: 4 patch embeds + 5 blocks x (q/k/v, attention, proj, fc1, fc2)
@@ -254,13 +254,9 @@ def test_patch_embed_weights_stay_channels_last_and_change_nothing():
     # gradient in exact arithmetic: compare each gradient on the scale of its module's
     # largest one. Weight gradients sum over batch x positions (2 x 12 x 16 at stride
     # 4, shorter than fc2's K) and carry the forward's rounding: the same bound.
-    scale = {}
-    for n, q in plain.named_parameters():
-        module = n.rsplit('.', 1)[0]
-        scale[module] = max(scale.get(module, 0.), rms(q.grad))
+    scale = module_scales((n, q.grad) for n, q in plain.named_parameters())
     for (n, p), q in zip(model.named_parameters(), plain.parameters()):
-        assert_close_fp(p.grad, q.grad, 4 * 128, depth=TINY_DEPTH, msg=n,
-                        scale=scale[n.rsplit('.', 1)[0]])
+        assert_close_fp(p.grad, q.grad, 4 * 128, depth=TINY_DEPTH, msg=n, scale=scale[n])
     assert all(e.proj.weight.grad.is_contiguous(memory_format=cl) for e in model.patch_embeds)
 
 

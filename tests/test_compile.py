@@ -9,7 +9,7 @@ import torch
 
 from test_backbone import TINY_DEPTH
 from test_backbone_interface import FAMILIES
-from tolerances import assert_close_fp
+from tolerances import assert_close_fp, module_scales
 
 dynamo = pytest.importorskip('torch._dynamo')
 
@@ -83,8 +83,14 @@ def _compare_compiled(backend, shape):
     compiled_src.load_state_dict(eager.state_dict())
     want_out, want_grads = _train_step(eager, x, g)
     got_out, got_grads = _train_step(compiled, x, g)
-    for a, b in zip(got_out + got_grads, want_out + want_grads):
+    for a, b in zip(got_out, want_out):
         close(a, b)
+    # a gradient that is zero in exact arithmetic (the blocks' norm1.weight: a
+    # BatchNorm follows) is compared on its module's scale
+    names = [n for n, _ in eager.named_parameters()]
+    scale = module_scales(zip(names, want_grads))
+    for n, a, b in zip(names, got_grads, want_grads):
+        assert_close_fp(a, b, k, depth=TINY_DEPTH, msg=n, scale=scale[n])
     # BatchNorm running statistics moved exactly once, as in eager mode
     for (name, a), b in zip(compiled_src.state_dict().items(), eager.state_dict().values()):
         if a.is_floating_point():

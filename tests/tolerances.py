@@ -70,6 +70,19 @@ def rms(t) -> float:
     return float(t.pow(2).mean().sqrt()) if t.numel() else 0.0
 
 
+def module_scales(named_tensors):
+    """``{name: scale}`` for a model's named gradients (or other per-parameter
+    tensors): the largest RMS among the tensors of the same module (``a.b.weight``
+    and ``a.b.bias`` share ``a.b``). The scale for gradients that are zero in exact
+    arithmetic, e.g. a LayerNorm weight followed by a BatchNorm."""
+    named = [(n, t) for n, t in named_tensors]
+    per_module = {}
+    for n, t in named:
+        m = n.rsplit('.', 1)[0]
+        per_module[m] = max(per_module.get(m, 0.), rms(t))
+    return {n: per_module[n.rsplit('.', 1)[0]] for n, _ in named}
+
+
 def fp32_tol(reduction_size, *, depth=1, ref=None, scale=None, safety=SAFETY):
     """:func:`fp_tol` for float32."""
     return fp_tol(reduction_size, depth=depth, ref=ref, scale=scale, dtype=torch.float32,

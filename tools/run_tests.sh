@@ -37,6 +37,8 @@ echo "== run 2/2: the model tests with every fast path off (PALE_MM_FAST_PATHS=0
 PALE_MM_FAST_PATHS=0 PALE_MM_CPU_ATTENTION=0 \
   .venv/bin/python -m pytest -m 'slow or not slow' --durations=10 "$@" "${ref_tests[@]}"
 rc2=$?
+# extra arguments (-k ...) may leave nothing to run here: not a failure
+(( rc2 == 5 && $# > 0 )) && rc2=0
 t2=$SECONDS
 status() { case "$1" in 0) echo passed ;; 5) echo "no tests collected" ;; *) echo "FAILED (pytest exit $1)" ;; esac; }
 echo "== run 1 (fast paths on): $(status $rc1) in $(( (t1 - t0) / 60 ))m$(( (t1 - t0) % 60 ))s;" \
