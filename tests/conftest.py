@@ -1,18 +1,14 @@
+"""tests/ is a package that mirrors pale_mm/ (models/, ops/, ...) plus tools/,
+configs/ and demo/; shared helpers are its modules (``tests.pale_oracle``,
+``tests.tolerances``, ``tests.switches``), imported by package name: pytest puts the
+repository root first on the path (rootdir-based package import), so no test edits
+``sys.path``."""
 import os
-import sys
 import time
 import warnings
 
 import pytest
 import torch
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-# tests/ on the path for the shared oracle (a site-packages ``tests`` package from a
-# dependency shadows ``tests.*`` imports)
-for p in (ROOT, HERE):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from test_backbone import TINY_DEPTH
-from test_backbone_interface import FAMILIES
-from tolerances import assert_close_fp, module_scales
+from tests.models.test_pale_transformer import TINY_DEPTH
+from tests.models.test_pyramid import FAMILIES
+from tests.tolerances import assert_close_fp, module_scales
 
 dynamo = pytest.importorskip('torch._dynamo')
 

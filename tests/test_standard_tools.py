@@ -432,10 +432,10 @@ def pale_t_mmengine():
 def test_mmengine_flops_match_get_flops_tool(pale_t_mmengine):
     """``get_model_complexity_info`` on the Pale-T backbone (with gradients, as stock
     get_flops.py calls it) agrees within 1% with tools/analysis/get_flops.py, gives
-    the paper's figure (tests/test_fidelity.py's PAPER, for the classifier, whose
+    the paper's figure (tests/test_flops.py's PAPER, for the classifier, whose
     head adds 0.01%), and counts the attention as the paper's cost formula does."""
     pytest.importorskip('mmdet')
-    from test_fidelity import PAPER, _hand_attention_madds
+    from tests.test_flops import PAPER, _hand_attention_madds
     info, analyzer, model = pale_t_mmengine
     tool = _load_tool('pale_get_flops', osp.join(REPO, 'tools', 'analysis', 'get_flops.py'))
     params, tool_flops = tool.main([PALE_T_DET, '--shape', '224'])
@@ -450,10 +450,10 @@ def test_mmengine_flops_match_get_flops_tool(pale_t_mmengine):
 
 def test_mmengine_flops_match_paper_for_pale_tiny():
     """The stock ``get_model_complexity_info`` on timm's ``pale_tiny`` at 224, with
-    gradients enabled, gives the paper's figure (tests/test_fidelity.py's PAPER)."""
+    gradients enabled, gives the paper's figure (tests/test_flops.py's PAPER)."""
     import timm
     from mmengine.analysis import get_model_complexity_info
-    from test_fidelity import PAPER
+    from tests.test_flops import PAPER
     model = timm.create_model('pale_tiny').eval()
     with torch.enable_grad():
         flops = get_model_complexity_info(model, input_shape=(3, 224, 224), show_table=False,

@@ -20,7 +20,7 @@
 # TorchScript tests are deselected: TorchScript is not supported (docs/pretraining.md).
 # test_prune_intermediate_layers_contract (no marker; timm keeps it out of its own CI as
 # slow) runs only with TIMM_CONTRACT_FULL=1: it takes ~2.5 min for the four models on 2
-# cores; tests/test_timm.py checks pruning more cheaply.
+# cores; tests/test_timm_models.py checks pruning more cheaply.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

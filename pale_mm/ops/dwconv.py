@@ -7,7 +7,7 @@ at these sizes (about 0.18 ms per call on a 32x32x256 map here). The kernel of
 ``csrc/dwconv_cpu.cpp`` keeps a channel block's weights in registers and
 computes all the outputs of one input in a single pass: the three q/k/v convs
 together, and the CPE with its residual add. Same function as ``F.conv2d`` to fp32
-rounding (``tests/test_cpu_dwconv.py``).
+rounding (``tests/ops/test_dwconv.py``).
 
 It is part of the CPU kernels' extension (:mod:`.kernels`: built on first use;
 ``PALE_MM_FAST_PATHS=0`` turns it off with every other fast path) and serves

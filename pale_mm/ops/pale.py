@@ -1,7 +1,7 @@
 """The fast forwards of the Pale block and of the MLP (all three backbones).
 
 Each computes the same function as the reference forward in :mod:`pale_mm.models`
-(``tests/ops/test_pale_fast.py`` proves it, values and gradients, in float64 and
+(``tests/ops/test_pale.py`` proves it, values and gradients, in float64 and
 float32), and is reached only through :func:`pale_mm.ops.fast_path`, so it never runs
 where a module was converted, replaced or hooked, or while the model is traced or
 exported. What makes it faster:

@@ -17,7 +17,7 @@ from pale_mm.models.scalablevit import IWSA, SSA
 TINY = dict(embed_dims=16, depths=[2, 2, 2, 1], num_heads=[1, 2, 2, 4],
             c_ratios=[1.25, 1.25, 1.25, 1], window_sizes=3)
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 # arXiv 2203.10790 / official README: params, multiply-adds at 224.
 PAPER = {'s': (32.4e6, 4.2e9), 'b': (81.9e6, 8.6e9), 'l': (104.9e6, 14.7e9)}
@@ -93,7 +93,7 @@ def test_downstream_params_vs_official_readme(kind, arch):
     to 0.05%). Parameter counting only, no forward."""
     pytest.importorskip('mmdet')
     pytest.importorskip('mmseg')
-    from test_configs import _build
+    from tests.configs.test_configs import _build
 
     name = (f'mask-rcnn_scalablevit-{arch}_fpn_1x_coco.py' if kind == 'mask-rcnn' else
             f'upernet_scalablevit-{arch}_8xb2-160k_ade20k-512x512.py')

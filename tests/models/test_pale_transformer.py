@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from pale_mm.models import PaleTransformer
-from tolerances import assert_close_fp, module_scales
+from tests.tolerances import assert_close_fp, module_scales
 
 TINY = dict(embed_dims=16, depths=[1, 2, 1, 1], num_heads=[2, 2, 4, 4])
 # sequential reductions in TINY: 4 patch embeds + 5 blocks x (q/k/v, attention, proj, fc1, fc2)

@@ -10,7 +10,7 @@ try:
 except ImportError:  # before pale_mm.ops
     from pale_mm.models.cpu_attention import cpu_attention_available
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _load():

@@ -20,7 +20,7 @@ from pale_mm.models.lit import DeformConv2dPack, LITAttention, relative_position
 TINY = dict(embed_dims=16, depths=[1, 2, 1, 1], num_heads=[1, 1, 2, 2])
 TINY_TI = dict(TINY, mlp_ratios=[8, 8, 4, 4], pos_embed=True, norm_eps=1e-6)
 LAYOUTS = {'swin': TINY, 'pvt': TINY_TI}
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 # Paper / official README (arXiv 2105.14217): params, multiply-adds at 224.
 PAPER = {'ti': (19e6, 3.6e9), 's': (27e6, 4.1e9), 'm': (48e6, 8.6e9), 'b': (86e6, 15.0e9)}
@@ -112,7 +112,7 @@ def test_mask_rcnn_params_vs_official_readme(arch):
     (Only other difference: our per-output LayerNorms ``norm0..3``; the official Ti has
     none, the official S lacks ``norm0``: 2,048 / 192 parameters, far below rounding.)"""
     pytest.importorskip('mmdet')
-    from test_configs import _load, _registry
+    from tests.configs.test_configs import _load, _registry
 
     path = osp.join(ROOT, 'configs', 'lit', f'mask-rcnn_lit-{arch}_fpn_1x_coco.py')
     cfg = _load(path)

@@ -2,7 +2,7 @@
 where PSAttention computed its layers by hand) loads strictly into today's
 PaleTransformer, and the model gives the outputs that code gave: in eval mode, and
 in training mode with the BatchNorm running statistics it left behind; with the
-fast paths on and off. ``tests/data/pale_state_dict_d187eb5.pt`` holds a small
+fast paths on and off. ``tests/models/data/pale_state_dict_d187eb5.pt`` holds a small
 model's state dict (non-trivial BatchNorm statistics), a 45x39 input (padded pale
 groups at every stage) and those outputs."""
 import os
@@ -12,7 +12,7 @@ import torch
 
 from pale_mm.models import PaleTransformer
 from pale_mm.ops import set_fast_paths
-from tolerances import fp_tol
+from tests.tolerances import fp_tol
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data',
                     'pale_state_dict_d187eb5.pt')

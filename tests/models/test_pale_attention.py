@@ -5,7 +5,7 @@ import torch
 
 from pale_mm.models import PSAttention, pale_attention
 from pale_mm.models.pale_attention import pale_groups
-from pale_oracle import dense_pale_attention
+from tests.pale_oracle import dense_pale_attention
 
 
 def _random_case(rng):

@@ -11,7 +11,7 @@ from pale_mm.models.layers import Mlp
 from pale_mm.ops import fast_path, set_fast_paths
 from pale_mm.ops import linear as fast_linear
 from pale_mm.ops.pale import mlp as fast_mlp
-from switches import switched_off
+from tests.switches import switched_off
 
 
 def _plain(m, x):

@@ -11,7 +11,7 @@ from pale_mm.models import PaleTransformer
 from pale_mm.models.pale_transformer import PaleBlock
 from pale_mm.ops import dwconv as cpu_dwconv
 from pale_mm.ops import kernels
-from switches import switched_off
+from tests.switches import switched_off
 
 AVX512 = kernels.cpu_has_avx512()
 needs_kernel = pytest.mark.skipif(not AVX512, reason='the fused kernel needs AVX-512')

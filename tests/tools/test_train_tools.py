@@ -20,7 +20,7 @@ from pale_mm.demo.run import DEMO_CONFIGS, build_demo_runner  # noqa: E402
 from pale_mm.utils import (DataCheckError, check_coco_json, check_data,  # noqa: E402
                            prepare_config, replace_data_root, sync_bn_to_bn)
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 PY = sys.executable
 DET = DEMO_CONFIGS['det']
 SEG = DEMO_CONFIGS['seg']

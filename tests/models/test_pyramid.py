@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
-from test_backbone import _small as pale_small
-from test_lit import _small as lit_small
-from test_scalablevit import _small as scalablevit_small
+from tests.models.test_pale_transformer import _small as pale_small
+from tests.models.test_lit import _small as lit_small
+from tests.models.test_scalablevit import _small as scalablevit_small
 
 # family -> (factory, parts frozen by frozen_stages=2, a parameter of stage 3)
 FAMILIES = {

@@ -13,9 +13,9 @@ from pale_mm.ops import attention as cpu_attention
 from pale_mm.ops import dwconv as cpu_dwconv
 from pale_mm.ops import kernels
 from pale_mm.ops.pale import pale_attention_fast
-from pale_oracle import dense_pale_attention
-from switches import switched_off
-from tolerances import fp_tol
+from tests.pale_oracle import dense_pale_attention
+from tests.switches import switched_off
+from tests.tolerances import fp_tol
 
 AVX512 = kernels.cpu_has_avx512()
 needs_kernel = pytest.mark.skipif(not AVX512, reason='the fused kernel needs AVX-512')

@@ -12,7 +12,7 @@ from mmengine.config import Config  # noqa: E402
 
 from pale_mm.utils import config_scope, register_scope, sync_bn_to_bn  # noqa: E402
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 PALE = sorted(glob.glob(osp.join(ROOT, 'configs', 'pale', '*.py')))
 DEMO = sorted(glob.glob(osp.join(ROOT, 'configs', 'demo', '*pale*.py')))
 DIMS = {'tiny': [64, 128, 256, 512], 'small': [96, 192, 384, 768],

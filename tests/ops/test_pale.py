@@ -15,8 +15,8 @@ from pale_mm.models import PaleTransformer
 from pale_mm.models.layers import Mlp
 from pale_mm.models.pale_transformer import PaleBlock
 from pale_mm.ops import fast_path, set_fast_paths
-from switches import switched_off
-from tolerances import fp_tol
+from tests.switches import switched_off
+from tests.tolerances import fp_tol
 
 
 def _randomise_bn(module: nn.Module):

@@ -6,11 +6,11 @@ import os.path as osp
 import pytest
 import torch
 
-from test_configs import _build, _det_sample, _load  # shared helpers (tests/ on sys.path)
+from tests.configs.test_configs import _build, _det_sample, _load
 
 from pale_mm.utils import config_scope  # noqa: E402
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', 'lit', '*.py')) +
                  glob.glob(osp.join(ROOT, 'configs', 'scalablevit', '*.py')))
 VARIANTS = {'lit': 'ti s m b', 'scalablevit': 's b l'}
