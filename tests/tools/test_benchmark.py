@@ -94,9 +94,12 @@ def test_benchmark_runs_and_writes_results(tmp_path):
             row['swin']['median_s'] / row['ours']['median_s'])
         # inference rows also time our model with the oneDNN linear turned off
         assert ('ratio_plain_linear_over_swin' in row) == (row['mode'] == 'infer')
-        # Pale rows also time the model with its fused CPU kernels off
-        kernels_off = {'ratio_no_kernels_over_swin', 'ratio_sdpa_over_swin'} & set(row)
-        assert bool(kernels_off) == (row['model'] == 'pale:tiny' and cpu_attention_available())
+        # Pale rows also time the model with its fused CPU kernels off, and every row
+        # the reference model (all fast paths off)
+        assert ('ratio_no_kernels_over_swin' in row) == (
+            row['model'] == 'pale:tiny' and cpu_attention_available())
+        assert row['ratio_reference_over_swin'] == pytest.approx(
+            row['swin']['median_s'] / row['ours_reference_median_s'])
     assert set(data['attention']['exponent']) == {'pale', 'window', 'global'}
     assert data['memory']['max_square']['pale']['max_side'] > 0
     assert res['gemm_gflops'] > 0
@@ -146,7 +149,7 @@ def test_benchmark_compile_option(tmp_path, monkeypatch):
     assert sorted(compiled) == ['PaleTransformer'] * 2 + ['SwinTransformer'] * 2
     (row,) = data['backbones']
     assert row['compiled'] and 'ratio_plain_linear_over_swin' not in row
-    assert not {'ratio_sdpa_over_swin', 'ratio_no_kernels_over_swin'} & set(row)
+    assert not {'ratio_reference_over_swin', 'ratio_no_kernels_over_swin'} & set(row)
     for k in ('ours', 'swin'):
         # in this process the RSS peak of a small model may hide in freed heap: >= 0
         assert row[k]['img_per_s'] > 0 and row[k]['peak_mem_mb'] >= 0
