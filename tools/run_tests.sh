@@ -18,9 +18,10 @@ bash tools/setup_env.sh || exit $?
 # The tests whose subject is a model's computation (outputs, gradients, buffers),
 # the ones a fast path could change. The kernels' own tests (tests/ops/) and the
 # end-to-end ones are not repeated.
+# (tests/ops/test_linear.py is a fast path's own test: 5 of its tests fail with the
+# fast paths off, checked 2026-12-02.)
 REFERENCE_TESTS=(
   tests/models
-  tests/ops/test_linear.py
   tests/test_timm_models.py
   tests/test_standard_tools.py
 )
