@@ -3,6 +3,7 @@
 Token maps travel between blocks channels-last, as ``(B, H, W, C)`` tensors; a
 conv sees them through the free ``permute(0, 3, 1, 2)`` view (channels-last memory).
 """
+import warnings
 from typing import Sequence, Tuple, Union
 
 import torch
@@ -11,9 +12,15 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-from mmcv.cnn.bricks.drop import DropPath  # stochastic depth (timm stays optional)
-
 from ..ops import fast_path, fx_tracing
+
+try:  # stochastic depth: timm's (Bernoulli masks, as pale_mm's models always drew them)
+    with warnings.catch_warnings():
+        # huggingface_hub, as resolved for timm, may warn about optional http backends
+        warnings.simplefilter('ignore')
+        from timm.layers import DropPath
+except ImportError:  # timm is optional for mmdet/mmseg users: mmcv's (uniform draws)
+    from mmcv.cnn.bricks.drop import DropPath
 
 __all__ = ['to_pair', 'check_pale_size', 'check_heads', 'DropPath', 'BlockDiagonalLinear',
            'Mlp', 'ConvPatchEmbed', 'check_image', 'checkpoint_block']

@@ -209,7 +209,7 @@ def test_block_drop_path_applies_to_both_branches():
     torch.manual_seed(3)
     out = blk(x)
     torch.manual_seed(3)
-    keep = [(0.5 + torch.rand(4, 1, 1, 1)).floor() for _ in range(2)]  # mmcv's DropPath
+    keep = [torch.empty(4, 1, 1, 1).bernoulli_(0.5) for _ in range(2)]  # timm's DropPath
     cpe = x + blk.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     y = cpe + blk.attn(blk.norm1(cpe).reshape(4, 36, 16), (6, 6)).view(4, 6, 6, 16) * keep[0] / 0.5
     y = y + blk.mlp(blk.norm2(y)) * keep[1] / 0.5
