@@ -1,4 +1,4 @@
-"""Every config in configs/ parses, follows the recipe in shared/design/pale.md and
+"""Every config in configs/ parses, follows the recipe in docs/pale_transformer.md and
 builds its model; one loss-mode forward per task on a small input."""
 import glob
 import os.path as osp
