@@ -1,8 +1,9 @@
-# Shared base of the LIT and ScalableViT demo configs (not of Pale's: editing one
-# family's demo does not change another's): Mask R-CNN + FPN on the bundled synthetic
-# shapes (pale_mm/demo/shapes.py), 128x128 images, 200 iterations from scratch on
-# the CPU, evaluated with mmdet's CocoMetric; heads narrowed to FPN width 64. A
-# config sets model.backbone (with _delete_=True) and model.neck.in_channels.
+# Shared base of the Pale, LIT and ScalableViT demo configs (each sets its backbone in
+# its own file, so editing one family's demo does not change another's): Mask R-CNN +
+# FPN on the bundled synthetic shapes (pale_mm/demo/shapes.py), 128x128 images, 200
+# iterations from scratch on the CPU, evaluated with mmdet's CocoMetric; heads narrowed
+# to FPN width 64. A config sets model.backbone (with _delete_=True) and
+# model.neck.in_channels.
 _base_ = [
     'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
     'mmdet::_base_/datasets/coco_instance.py',
