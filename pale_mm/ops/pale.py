@@ -380,8 +380,10 @@ def _mlp_applies(m: Mlp) -> bool:
     return m.act.approximate == 'none' and (m.drop.p == 0 or not m.training)
 
 
-@register_fast_path(Mlp, dict(fc1=nn.Linear, act=nn.GELU, fc2=nn.Linear, drop=nn.Dropout),
-                    applies=_mlp_applies)
+_MLP = dict(fc1=nn.Linear, act=nn.GELU, fc2=nn.Linear, drop=nn.Dropout)
+
+
+@register_fast_path(Mlp, _MLP, applies=_mlp_applies)
 def mlp(m: Mlp, x: torch.Tensor, identity: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:class:`Mlp`'s forward (exact GELU, no active dropout); with ``identity``
     (shaped like the output), ``identity + mlp(x)``, the add fused into fc2 at fp32
@@ -401,7 +403,6 @@ def _block_applies(blk: PaleBlock) -> bool:
 
 _ATTN = dict(qkv_dw=nn.Conv2d, qkv_bn=nn.BatchNorm2d, qkv=BlockDiagonalLinear, proj=nn.Linear,
              proj_drop=nn.Dropout)
-_MLP = dict(fc1=nn.Linear, act=nn.GELU, fc2=nn.Linear, drop=nn.Dropout)
 
 
 @register_fast_path(PaleBlock, dict(
