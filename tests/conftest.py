@@ -65,3 +65,33 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ------------------------------------------------- the demo, trained once per session
+@pytest.fixture(scope='session')
+def demo_data(tmp_path_factory):
+    """The bundled demo's synthetic shapes dataset, at the demo's default settings."""
+    from pale_mm.demo import ensure_dataset
+    root = str(tmp_path_factory.mktemp('demo_shapes'))
+    ensure_dataset(root)
+    return root
+
+
+@pytest.fixture(scope='session')
+def trained_demo(demo_data, tmp_path_factory):
+    """``trained_demo(task)``: the demo's training of ``task`` ('det' or 'seg'), exactly
+    as ``tools/run_demo.py`` runs it, done once per session and shared. Its result
+    (``pale_mm.demo.run.train_and_evaluate``: metrics, checkpoint, pictures) serves
+    the demo's learning test (tests/demo) and the inference APIs' test (test_apis),
+    so each demo model is trained once, not once per test."""
+    runs = {}
+
+    def get(task):
+        pytest.importorskip('mmdet')
+        pytest.importorskip('mmseg')
+        if task not in runs:
+            from pale_mm.demo.run import train_and_evaluate
+            work_dir = str(tmp_path_factory.mktemp(f'demo_{task}_trained'))
+            runs[task] = train_and_evaluate(task, demo_data, work_dir)
+        return runs[task]
+    return get

@@ -52,7 +52,8 @@ def val_metrics(runner) -> Dict[str, float]:
 def train_and_evaluate(task: str, data_root: str, work_dir: str,
                        cfg_options: Optional[dict] = None) -> dict:
     """Train the demo config of ``task`` ('det' or 'seg'), validate at the end, and
-    return ``{'metrics', 'train_seconds', 'work_dir', 'log_dir', 'vis_images'}``."""
+    return ``{'metrics', 'train_seconds', 'work_dir', 'log_dir', 'vis_images',
+    'checkpoint'}`` (``checkpoint``: the final weights' file, or None if none was saved)."""
     if task not in DEMO_CONFIGS:
         raise ValueError(f'task must be one of {sorted(DEMO_CONFIGS)}, got {task!r}')
     runner = build_demo_runner(DEMO_CONFIGS[task], data_root, work_dir, cfg_options)
@@ -61,5 +62,7 @@ def train_and_evaluate(task: str, data_root: str, work_dir: str,
     seconds = time.time() - t0
     log_dir = runner.log_dir
     vis = sorted(glob.glob(osp.join(log_dir, 'vis_data', 'vis_image', '*.png')))
+    ckpt = osp.join(work_dir, f'iter_{runner.iter}.pth')
     return dict(metrics=val_metrics(runner), train_seconds=seconds, work_dir=work_dir,
-                log_dir=log_dir, vis_images=vis)
+                log_dir=log_dir, vis_images=vis,
+                checkpoint=ckpt if osp.isfile(ckpt) else None)

@@ -102,22 +102,16 @@ DEMO_CASES = {
 }
 
 
-@pytest.fixture(scope='module')
-def demo_data(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('demo_shapes'))
-    ensure_dataset(root)  # the demo's default settings
-    return root
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize('task', ['det', 'seg'])
-def test_demo_learns(task, demo_data, tmp_path):
-    """Train the demo config as ``tools/run_demo.py`` does; the headline metric must
-    clear a floor well above an untrained model, and beat the same model before
-    training (measured here) by a wide margin. Pictures of predictions are saved."""
+def test_demo_learns(task, demo_data, trained_demo, tmp_path):
+    """The demo config trained as ``tools/run_demo.py`` does (the session's shared
+    training, ``trained_demo`` in conftest); the headline metric must clear a floor well
+    above an untrained model, and beat the same model before training (measured here)
+    by a wide margin. Pictures of predictions and the final checkpoint are saved."""
     pytest.importorskip('mmdet')
     pytest.importorskip('mmseg')
-    from pale_mm.demo.run import DEMO_CONFIGS, build_demo_runner, train_and_evaluate
+    from pale_mm.demo.run import DEMO_CONFIGS, build_demo_runner
     key, floor, gain = DEMO_CASES[task]
 
     untrained = build_demo_runner(DEMO_CONFIGS[task], demo_data, str(tmp_path / 'untrained'))
@@ -125,13 +119,14 @@ def test_demo_learns(task, demo_data, tmp_path):
     before = float(untrained.val().get(key, 0.))
     del untrained
 
-    res = train_and_evaluate(task, demo_data, str(tmp_path / 'trained'))
+    res = trained_demo(task)
     after = res['metrics'].get(key, 0.)
     print(f'demo {task}: {key} untrained {before:.3f} -> trained {after:.3f} '
           f'in {res["train_seconds"]:.0f}s; all metrics {res["metrics"]}')
     assert after >= floor, (key, before, after)
     assert after >= before + gain, (key, before, after)
     assert res['vis_images'], 'no pictures of predictions were saved'
+    assert res['checkpoint'] and osp.isfile(res['checkpoint']), res['work_dir']
     if task == 'det':
         assert res['metrics'].get('coco/segm_mAP', 0.) >= floor
 
