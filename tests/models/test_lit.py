@@ -16,6 +16,7 @@ import pale_mm  # noqa: F401
 from pale_mm.flops import count_flops, count_params, flop_analyzer
 from pale_mm.models import LIT, LITClassifier
 from pale_mm.models.lit import DeformConv2dPack, LITAttention, relative_position_index
+from tests.backbones import assert_output_pyramid
 
 TINY = dict(embed_dims=16, depths=[1, 2, 1, 1], num_heads=[1, 1, 2, 2])
 TINY_TI = dict(TINY, mlp_ratios=[8, 8, 4, 4], pos_embed=True, norm_eps=1e-6)
@@ -40,13 +41,7 @@ def _small(layout='swin', **kw):
     ((1, 1), [(1, 1)] * 4),
 ])
 def test_output_pyramid(layout, size, expected):
-    model = _small(layout).eval()
-    with torch.no_grad():
-        outs = model(torch.randn(2, 3, *size))
-    assert isinstance(outs, tuple) and len(outs) == 4
-    for i, (o, hw) in enumerate(zip(outs, expected)):
-        assert o.shape == (2, 16 * 2 ** i) + hw
-        assert o.is_contiguous() and torch.isfinite(o).all()
+    assert_output_pyramid(_small(layout), size, expected)
 
 
 def test_arch_zoo_structure():

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from pale_mm.models import PaleTransformer
+from tests.backbones import assert_output_pyramid
 from tests.tolerances import assert_close_fp, module_scales
 
 TINY = dict(embed_dims=16, depths=[1, 2, 1, 1], num_heads=[2, 2, 4, 4])
@@ -25,13 +26,7 @@ def _small(**kw):
     ((1, 1), [(1, 1)] * 4),
 ])
 def test_output_pyramid(size, expected):
-    model = _small().eval()
-    with torch.no_grad():
-        outs = model(torch.randn(2, 3, *size))
-    assert isinstance(outs, tuple) and len(outs) == 4
-    for i, (o, hw) in enumerate(zip(outs, expected)):
-        assert o.shape == (2, 16 * 2 ** i) + hw
-        assert o.is_contiguous() and torch.isfinite(o).all()
+    assert_output_pyramid(_small(), size, expected)
 
 
 def test_tiny_arch_channels_and_norms():

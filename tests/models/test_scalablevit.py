@@ -13,6 +13,7 @@ import pale_mm  # noqa: F401
 from pale_mm.flops import count_flops, count_params
 from pale_mm.models import ScalableViT, ScalableViTClassifier, allow_namespace_in_checkpoints
 from pale_mm.models.scalablevit import IWSA, SSA
+from tests.backbones import assert_output_pyramid
 
 TINY = dict(embed_dims=16, depths=[2, 2, 2, 1], num_heads=[1, 2, 2, 4],
             c_ratios=[1.25, 1.25, 1.25, 1], window_sizes=3)
@@ -35,13 +36,7 @@ def _small(**kw):
     ((1, 1), [(1, 1)] * 4),
 ])
 def test_output_pyramid(size, expected):
-    model = _small().eval()
-    with torch.no_grad():
-        outs = model(torch.randn(2, 3, *size))
-    assert isinstance(outs, tuple) and len(outs) == 4
-    for i, (o, hw) in enumerate(zip(outs, expected)):
-        assert o.shape == (2, 16 * 2 ** i) + hw
-        assert o.is_contiguous() and torch.isfinite(o).all()
+    assert_output_pyramid(_small(), size, expected)
 
 
 def test_arch_zoo_structure():
