@@ -232,14 +232,6 @@ def test_arch_aliases(alias, name):
     assert LIT.parse_arch(alias) == LIT.parse_arch(name)
 
 
-def test_pretrained_str_becomes_init_cfg():
-    with pytest.warns(DeprecationWarning, match='pretrained is deprecated'):
-        model = _small(pretrained='ckpt.pth')
-    assert model.init_cfg == dict(type='Pretrained', checkpoint='ckpt.pth')
-    with pytest.raises(ValueError, match='at the same time'):
-        _small(pretrained='a.pth', init_cfg=dict(type='Pretrained', checkpoint='b.pth'))
-
-
 def test_init_weights_default_keeps_zero_offsets():
     model = _small()
     model.init_weights()

@@ -131,14 +131,6 @@ def test_bad_construction(kwargs, exc, match):
         PaleTransformer(**kwargs)
 
 
-def test_pretrained_str_becomes_init_cfg():
-    with pytest.warns(DeprecationWarning, match='pretrained is deprecated'):
-        model = _small(pretrained='ckpt.pth')
-    assert model.init_cfg == dict(type='Pretrained', checkpoint='ckpt.pth')
-    with pytest.raises(ValueError, match='at the same time'):
-        _small(pretrained='a.pth', init_cfg=dict(type='Pretrained', checkpoint='b.pth'))
-
-
 def test_in_channels():
     model = _small(in_channels=1).eval()
     with torch.no_grad():

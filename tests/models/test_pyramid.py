@@ -1,8 +1,9 @@
 """The backbone interface every family shares (PaleTransformer, LIT in both layouts,
-ScalableViT): frozen_stages freezes exactly the named parts and keeps them fixed
-through an optimizer step, with_cp changes neither outputs, gradients nor buffers,
-and checkpointing keeps gradients next to frozen stages. Family-specific behaviour
-stays in test_backbone.py, test_lit.py and test_scalablevit.py."""
+ScalableViT): the deprecated ``pretrained`` string becomes an ``init_cfg``;
+frozen_stages freezes exactly the named parts and keeps them fixed through an optimizer
+step; with_cp changes neither outputs, gradients nor buffers; checkpointing keeps
+gradients next to frozen stages. Family-specific behaviour stays in
+test_pale_transformer.py, test_lit.py and test_scalablevit.py."""
 import copy
 
 import pytest
@@ -30,6 +31,18 @@ FAMILIES = {
                      'stages.0', 'stages.1', 'norm0', 'norm1'],
                     'stages.2.0.mlp.fc1.weight'),
 }
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_pretrained_str_becomes_init_cfg(family):
+    """The deprecated ``pretrained='path'`` of mmdet/mmseg backbones still works,
+    with a warning, and cannot be combined with ``init_cfg``."""
+    factory = FAMILIES[family][0]
+    with pytest.warns(DeprecationWarning, match='pretrained is deprecated'):
+        model = factory(pretrained='ckpt.pth')
+    assert model.init_cfg == dict(type='Pretrained', checkpoint='ckpt.pth')
+    with pytest.raises(ValueError, match='at the same time'):
+        factory(pretrained='a.pth', init_cfg=dict(type='Pretrained', checkpoint='b.pth'))
 
 
 @pytest.mark.parametrize('family', FAMILIES)
