@@ -58,21 +58,6 @@ def test_frozen_stem_only():
     assert all(p.requires_grad for p in model.stages[0].parameters())
 
 
-def test_norm_eval():
-    model = _small(norm_eval=True).train()
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert bns and all(not m.training for m in bns)
-    assert model.stages[0][0].attn.training  # only BN layers are switched
-    stats = copy.deepcopy(bns[0].running_mean)
-    model(torch.randn(2, 3, 32, 32))
-    assert torch.equal(stats, bns[0].running_mean)
-    model = _small(norm_eval=False).train()
-    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
-    stats = copy.deepcopy(bn.running_mean)
-    model(torch.randn(2, 3, 32, 32))
-    assert not torch.equal(stats, bn.running_mean)
-
-
 def test_padding_invariance_end_to_end():
     """A real image pixel's features do not depend on the image size class:
     outputs are finite and the stage maps have no NaN from fully masked rows."""

@@ -1,5 +1,6 @@
 """The backbone interface every family shares (PaleTransformer, LIT in both layouts,
 ScalableViT): the deprecated ``pretrained`` string becomes an ``init_cfg``;
+norm_eval keeps BatchNorms, and only them, in eval mode;
 frozen_stages freezes exactly the named parts and keeps them fixed through an optimizer
 step; with_cp changes neither outputs, gradients nor buffers; checkpointing keeps
 gradients next to frozen stages. Family-specific behaviour stays in
@@ -8,6 +9,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn as nn
 
 from tests.models.test_pale_transformer import _small as pale_small
 from tests.models.test_lit import _small as lit_small
@@ -43,6 +45,30 @@ def test_pretrained_str_becomes_init_cfg(family):
     assert model.init_cfg == dict(type='Pretrained', checkpoint='ckpt.pth')
     with pytest.raises(ValueError, match='at the same time'):
         factory(pretrained='a.pth', init_cfg=dict(type='Pretrained', checkpoint='b.pth'))
+
+
+# families whose small model has BatchNorm layers (ScalableViT has none: its
+# test_norm_eval_switches_only_batchnorm adds one), and how many
+NUM_BATCHNORMS = {'pale': 5, 'lit-swin': 3, 'lit-pvt': 3}
+
+
+@pytest.mark.parametrize('family', NUM_BATCHNORMS)
+def test_norm_eval(family):
+    """norm_eval=True keeps every BatchNorm in eval mode (running statistics fixed)
+    when the model trains, and switches nothing else; norm_eval=False lets them move."""
+    factory = FAMILIES[family][0]
+    model = factory(norm_eval=True).train()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == NUM_BATCHNORMS[family] and all(not m.training for m in bns)
+    assert all(m.training for m in model.modules() if not isinstance(m, nn.BatchNorm2d))
+    stats = copy.deepcopy(bns[0].running_mean)
+    model(torch.randn(2, 3, 32, 32))
+    assert torch.equal(stats, bns[0].running_mean)
+    model = factory(norm_eval=False).train()
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    stats = copy.deepcopy(bn.running_mean)
+    model(torch.randn(2, 3, 32, 32))
+    assert not torch.equal(stats, bn.running_mean)
 
 
 @pytest.mark.parametrize('family', FAMILIES)
