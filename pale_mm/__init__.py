@@ -13,7 +13,8 @@ from .compat import allow_numpy_in_checkpoints  # noqa: E402
 allow_numpy_in_checkpoints()
 
 from . import models  # noqa: F401,E402
-from .ops import pale as _fast_paths  # noqa: F401,E402  (registers the fast forwards)
+from .ops import pale as _fast_paths  # noqa: F401,E402  (registers the CPU fast forwards)
+from .ops import pale_cuda as _gpu_paths  # noqa: F401,E402  (and the GPU one)
 from . import registration  # noqa: F401,E402
 from .models import PaleTransformer, PSAttention, pale_attention  # noqa: F401,E402
 from . import flops  # noqa: F401,E402  (adds attention FLOP handles to mmengine's defaults)

@@ -13,7 +13,8 @@ group, whatever the padding holds. Columns are treated the same way.
 
 This file is the reference: plain views, permutes, padding and
 ``F.scaled_dot_product_attention``, and a :class:`PSAttention` whose forward calls its
-own layers. :mod:`pale_mm.ops.pale` computes the same function faster.
+own layers. :mod:`pale_mm.ops.pale` (CPU) and :mod:`pale_mm.ops.pale_cuda` (GPU) compute
+the same function faster.
 """
 from typing import Sequence, Tuple, Union
 
@@ -22,7 +23,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import is_tracing
+from ..ops import fast_path, is_tracing
 from .layers import BlockDiagonalLinear, check_heads, check_pale_size
 
 __all__ = ['pale_groups', 'pale_partition', 'pale_reverse', 'pale_key_mask',
@@ -187,6 +188,9 @@ class PSAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, hw_shape: Sequence[int]) -> torch.Tensor:
         """x: ``(B, H*W, C)`` tokens of an ``hw_shape`` map -> ``(B, H*W, C)``."""
+        fast = fast_path(self, x)
+        if fast is not None:  # CUDA tensors (pale_mm.ops.pale_cuda)
+            return fast(x, hw_shape)
         check_tokens(self, x, hw_shape)
         B, N, C = x.shape
         H, W = hw_shape

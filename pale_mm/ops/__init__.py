@@ -20,15 +20,16 @@ and the reference forward runs, whenever a fast path could differ from what a
 standard tool expects to see:
 
 - fast paths are switched off: :func:`set_fast_paths` or ``PALE_MM_FAST_PATHS=0``;
-- the model is being traced, scripted, compiled or exported (``torch.jit``,
-  ``torch.fx``, ``torch.compile``, ``torch.onnx``);
+- the model is being traced, scripted or exported (``torch.jit``, ``torch.fx``,
+  ``torch.export``, ``torch.onnx``), or compiled (``torch.compile``), except for the
+  GPU path, which compiles (:mod:`.pale_cuda`);
 - the module or any of its submodules has been converted or replaced (e.g.
   ``nn.SyncBatchNorm.convert_sync_batchnorm``, ``fuse_conv_bn``, parametrizations),
   or carries a hook (or a global module hook is registered).
 """
 import functools
 import os
-from typing import Callable, Dict, Optional, Tuple, Type
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -83,19 +84,35 @@ def is_tracing() -> bool:
     return fx_tracing() or torch.onnx.is_in_onnx_export()
 
 
-# module class -> (fast forward, {submodule name: its exact class}, predicate)
-_REGISTRY: Dict[type, Tuple[Callable, Dict[str, Type[nn.Module]], Callable]] = {}
+def _exporting() -> bool:
+    """Under ``torch.export`` (also ``torch.onnx.export(dynamo=True)``), which
+    ``torch.compiler.is_compiling()`` does not tell from ``torch.compile``."""
+    is_exporting = getattr(torch.compiler, 'is_exporting', None)
+    return torch.onnx.is_in_onnx_export() or (is_exporting is not None and is_exporting())
 
 
-def register_fast_path(cls: type, layout: Dict[str, Type[nn.Module]],
-                       applies: Callable[[nn.Module], bool] = lambda m: True):
-    """Decorator: the function is the fast forward of modules of exactly class
-    ``cls`` whose submodules are exactly ``layout`` (name -> class; every submodule
-    must be listed), carry no hooks, and for which ``applies(module)`` holds (a
-    setting the fast forward does not cover sends the module to its reference
-    forward). Its arguments are the module, then the module's forward arguments."""
+# (module class, device type) -> (fast forward, {submodule name: its classes}, predicate,
+# whether it runs under torch.compile)
+_REGISTRY: Dict[Tuple[type, str],
+                Tuple[Callable, Dict[str, Tuple[type, ...]], Callable, bool]] = {}
+
+
+def register_fast_path(cls: type, layout: Dict[str, Union[type, Tuple[type, ...]]],
+                       applies: Callable[[nn.Module], bool] = lambda m: True,
+                       device: str = 'cpu', compiles: bool = False):
+    """Decorator: the function is the fast forward, on tensors of device type
+    ``device`` (``'cpu'``, ``'cuda'``), of modules of exactly class ``cls`` whose
+    submodules are exactly ``layout`` (name -> class, or a tuple of the classes the
+    fast forward accepts, e.g. ``(nn.BatchNorm2d, nn.SyncBatchNorm)`` where it calls
+    that submodule as a module; every submodule must be listed), carry no hooks, and
+    for which ``applies(module)`` holds (a setting the fast forward does not cover
+    sends the module to its reference forward). Its arguments are the module, then the
+    module's forward arguments. With ``compiles``, ``torch.compile`` traces the fast
+    forward too (it must trace without graph breaks); other fast paths step aside
+    under ``torch.compile``, and all of them under ``torch.export``."""
     def register(fn):
-        _REGISTRY[cls] = (fn, dict(layout), applies)
+        _REGISTRY[cls, device] = (fn, {k: v if isinstance(v, tuple) else (v,)
+                                       for k, v in layout.items()}, applies, compiles)
         return fn
     return register
 
@@ -112,15 +129,15 @@ def _global_hooks() -> bool:
                 or getattr(_module, '_global_backward_pre_hooks', None))
 
 
-def _as_built(module: nn.Module, layout: Dict[str, Type[nn.Module]]) -> bool:
-    """Every submodule has exactly the class it was built with and no hook."""
+def _as_built(module: nn.Module, layout: Dict[str, Tuple[type, ...]]) -> bool:
+    """Every submodule has exactly one of the classes the layout names and no hook."""
     if _has_hooks(module):
         return False
     seen = 0
     for name, m in module.named_modules():
         if not name:
             continue
-        if layout.get(name) is not type(m) or _has_hooks(m):
+        if type(m) not in layout.get(name, ()) or _has_hooks(m):
             return False
         seen += 1
     return seen == len(layout)
@@ -131,12 +148,17 @@ def fast_path(module: nn.Module, *args) -> Optional[Callable]:
     arguments), or ``None`` where the reference forward must run (see the module
     docstring). ``args``: the forward's tensor arguments, which must be plain
     tensors."""
-    if not _enabled[0] or is_tracing():
+    if not _enabled[0]:
         return None
-    entry = _REGISTRY.get(type(module))
-    if entry is None or _global_hooks() or not all(type(a) is torch.Tensor for a in args):
+    compiling = torch.compiler.is_compiling()
+    if (_exporting() if compiling else is_tracing()):
         return None
-    fn, layout, applies = entry
-    if not (_as_built(module, layout) and applies(module)):
+    if not args or not all(type(a) is torch.Tensor for a in args):
+        return None
+    entry = _REGISTRY.get((type(module), args[0].device.type))
+    if entry is None or _global_hooks():
+        return None
+    fn, layout, applies, compiles = entry
+    if (compiling and not compiles) or not (_as_built(module, layout) and applies(module)):
         return None
     return functools.partial(fn, module)

@@ -182,9 +182,10 @@ def _fast_calls(monkeypatch):
     """Record the names of the fast forwards that run."""
     calls = []
     for cls, name in ((PaleBlock, 'pale_block'), (Mlp, 'mlp')):
-        fn, layout, applies = ops._REGISTRY[cls]
-        monkeypatch.setitem(ops._REGISTRY, cls, (
-            lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a), layout, applies))
+        fn, layout, applies, compiles = ops._REGISTRY[cls, 'cpu']
+        monkeypatch.setitem(ops._REGISTRY, (cls, 'cpu'), (
+            lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a), layout, applies,
+            compiles))
     return calls
 
 
