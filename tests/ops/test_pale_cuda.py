@@ -442,3 +442,74 @@ def test_gpu_block_under_bf16_autocast_trains_like_the_reference():
     assert _rel(out, out_r) < tol
     for n in grads:
         assert _rel(grads[n], grads_r[n]) < 4 * tol, n
+
+
+# ----------------------------------------------------------------------------- launches
+class _CountOps:
+    """The aten ops that run (each a kernel launch on a GPU; views and allocations
+    launch nothing), with each Triton launch counted once and the interpreter's own
+    work inside it not at all."""
+    FREE = {'empty', 'empty_strided', 'empty_like', 'new_empty', 'new_empty_strided',
+            'detach', 'alias', 'lift_fresh', '_local_scalar_dense', 'is_same_size',
+            '_reshape_alias', '_unsafe_view'}
+
+    def __init__(self, monkeypatch):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        self.ops, self.paused = [], False
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                if not (counter.paused or func.is_view or name in counter.FREE):
+                    counter.ops.append(name)
+                return func(*args, **(kwargs or {}))
+        self.mode = Mode
+        for fn, launches in (('_forward', 1), ('_backward', 2)):
+            orig = getattr(triton_pale, fn)
+
+            def launch(*a, _orig=orig, _n=launches, _name=fn, **k):
+                self.paused = True
+                try:
+                    return _orig(*a, **k)
+                finally:
+                    self.paused = False
+                    self.ops += ['triton' + _name] * _n
+            monkeypatch.setattr(triton_pale, fn, launch)
+
+    def step(self, module, x, amp=False):
+        for p in module.parameters():
+            p.grad = None
+        self.ops = []
+        with self.mode():
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+                out = module(x)
+            out.float().sum().backward()
+        return list(self.ops)
+
+
+def test_gpu_block_launches(gpu_dispatch, monkeypatch):
+    """A Pale block's training step (forward and backward) on the GPU path launches
+    under half the kernels of the reference: no padding, partition or reverse copies,
+    masks or concatenations around the attention (the reference: 120 ops in float32,
+    160 under bf16 autocast), and no more than a Swin block (mmdet's SwinBlock: 61 to
+    82 ops in float32, 87 to 108 under bf16 autocast, counted the same way)."""
+    counter = _CountOps(monkeypatch)
+    torch.manual_seed(0)
+    blk = PaleBlock(64, 2, 7).to(DEVICE).train()
+    x = torch.randn(2, 16, 16, 64, device=DEVICE, requires_grad=True)
+    gpu = counter.step(blk, x)
+    with switched_off(set_fast_paths):
+        ref = counter.step(blk, x)
+    assert gpu.count('triton_forward') == 1 and gpu.count('triton_backward') == 2
+    assert not {'constant_pad_nd', 'where', 'repeat', 'scalar_tensor', 'slice_backward'} & \
+        set(gpu), gpu
+    assert gpu.count('cat') == 1  # [x, x, x] for the q/k/v depthwise conv, as in the model
+    assert len(gpu) <= 45 and 2 * len(gpu) < len(ref), (len(gpu), len(ref))
+    gpu_amp = counter.step(blk, x, amp=True)
+    with switched_off(set_fast_paths):
+        ref_amp = counter.step(blk, x, amp=True)
+    # autocast adds the same casts to both (parameters to bf16, their gradients back)
+    casts = ref_amp.count('_to_copy')
+    assert len(gpu_amp) - gpu_amp.count('_to_copy') <= 45 and \
+        len(gpu_amp) < len(ref_amp) - casts // 2, (len(gpu_amp), len(ref_amp))

@@ -239,7 +239,8 @@ def bench_backbones(args, device, gemm, bar):
             x = torch.randn(args.batch, 3, h, w, device=device)
             models = {'ours': build_ours(spec).to(device),
                       'swin': build_swin(SWIN_PEER[spec]).to(device)}
-            madds = {k: count_flops(m.cpu(), (3, h, w)) * args.batch for k, m in models.items()}
+            madds = {k: float('nan') if args.no_madds else
+                     count_flops(m.cpu(), (3, h, w)) * args.batch for k, m in models.items()}
             models = {k: _maybe_compile(m.to(device), args.compile) for k, m in models.items()}
             for mode in args.modes:
                 steps = {k: make_step(m, x, mode, args.amp) for k, m in models.items()}
@@ -466,6 +467,9 @@ def main(argv=None):
     ap.add_argument('--device', default='cpu')
     ap.add_argument('--amp', choices=['bf16', 'fp16'], default=None)
     ap.add_argument('--threads', type=int, default=None, help='torch threads (CPU)')
+    ap.add_argument('--no-madds', action='store_true',
+                    help='do not count multiply-adds (a CPU trace of each model: slow for '
+                         'large inputs; GMACs and GEMM fractions are then nan)')
     ap.add_argument('--compile', action='store_true',
                     help='torch.compile (inductor) both models; rows are marked * and '
                          'record the first (compiling) call as first_call_s')
