@@ -509,7 +509,8 @@ def test_gpu_block_launches(gpu_dispatch, monkeypatch):
     gpu_amp = counter.step(blk, x, amp=True)
     with switched_off(set_fast_paths):
         ref_amp = counter.step(blk, x, amp=True)
-    # autocast adds the same casts to both (parameters to bf16, their gradients back)
+    # autocast adds casts to both (parameters to bf16, their gradients back to fp32),
+    # and one in-place add where a gradient arrives in two dtypes
     casts = ref_amp.count('_to_copy')
-    assert len(gpu_amp) - gpu_amp.count('_to_copy') <= 45 and \
+    assert len(gpu_amp) - gpu_amp.count('_to_copy') <= len(gpu) + 1 and \
         len(gpu_amp) < len(ref_amp) - casts // 2, (len(gpu_amp), len(ref_amp))
