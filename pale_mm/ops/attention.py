@@ -1,20 +1,23 @@
-"""A fused fp32 CPU attention kernel for head dims 24 and 32 (AVX-512), forward and
-backward.
+"""A fused fp32 CPU attention kernel for head dims 24 and 32 (AVX-512 or AVX2),
+forward and backward.
 
 PS-Attention attends within long pale groups (e.g. 896 tokens at stage 1 of a
 512x512 input) with head dim 32 (Pale-T, Pale-B) or 24 (Pale-S). PyTorch's CPU flash
 attention reaches about half of the machine's GEMM rate there; this kernel
 (``csrc/attention_cpu.cpp``) computes each row of scores whole, so the softmax needs
-no online rescaling, and keeps 8x32 register tiles for both products (head dim 24 is
+no online rescaling, and keeps register tiles for both products sized to the build's
+registers (AVX-512: 8 rows x 32 floats; AVX2: 6 rows x 16 floats; head dim 24 is
 zero-padded to 32 in its packed copies). It is the same function as
 ``F.scaled_dot_product_attention`` (no mask, no dropout) to fp32 rounding; the tests
-compare both, values and gradients.
+compare both, values and gradients, for each build.
 
-Built on first use (:mod:`.kernels`) and used only where it applies (:func:`can_fuse`):
-CPU, float32 (not under autocast), head dim 24 or 32, no attention dropout, outside
-tracing and ``torch.compile``. :func:`set_cpu_attention` switches it alone at run time
-(the benchmark uses it to show its effect); :func:`pale_mm.ops.set_fast_paths` switches
-it with every other fast path.
+Built on first use (:mod:`.kernels`: the AVX-512 build on AVX-512 CPUs, the AVX2
+build on AVX2 CPUs, none on others) and used only where it applies
+(:func:`can_fuse`): CPU, float32 (not under autocast), head dim 24 or 32, no
+attention dropout, a build for this CPU, outside tracing and ``torch.compile``.
+:func:`set_cpu_attention` switches it alone at run time (the benchmark uses it to
+show its effect); :func:`pale_mm.ops.set_fast_paths` switches it with every other
+fast path.
 """
 from typing import Optional, Sequence
 
@@ -32,7 +35,8 @@ _enabled = [True]
 
 
 def cpu_attention_available() -> bool:
-    """Whether the fused kernel is built and enabled (builds it on first call)."""
+    """Whether the fused kernel is built and enabled (builds it on first call); false
+    on CPUs without AVX2 or AVX-512."""
     return _enabled[0] and fast_paths_enabled() and kernels.load() is not None
 
 

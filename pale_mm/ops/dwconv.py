@@ -1,4 +1,5 @@
-"""Fused depthwise 3x3 convs of the Pale block for fp32 CPU inference (AVX-512).
+"""Fused depthwise 3x3 convs of the Pale block for fp32 CPU inference (AVX-512 or
+AVX2).
 
 Each Pale block runs four depthwise 3x3 convs over channels-last maps: the CPE
 (``x + cpe(x)``) and PS-Attention's q, k and v convs, all three over the same
@@ -9,7 +10,8 @@ computes all the outputs of one input in a single pass: the three q/k/v convs
 together, and the CPE with its residual add. Same function as ``F.conv2d`` to fp32
 rounding (``tests/ops/test_dwconv.py``).
 
-It is part of the CPU kernels' extension (:mod:`.kernels`: built on first use;
+It is part of the CPU kernels' extension (:mod:`.kernels`: built on first use, for
+AVX-512 or AVX2 as the CPU has, not at all on CPUs with neither;
 ``PALE_MM_FAST_PATHS=0`` turns it off with every other fast path) and serves
 only where no gradient is needed: CPU float32 tensors outside autocast, tracing and
 ``torch.compile``. Everything else uses ``F.conv2d``. :func:`set_fused_dwconv`

@@ -92,9 +92,10 @@ def test_fast_block_with_drop_path_equals_reference():
 @pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
 @pytest.mark.parametrize('shape,dim,heads,pale', CASES)
 def test_fast_block_in_float32_within_rounding_of_float64_reference(
-        shape, dim, heads, pale, training):
-    """In float32 the fast path also runs oneDNN's linear and, on AVX-512 CPUs, the
-    fused attention and depthwise-conv kernels. Both paths are compared with the
+        shape, dim, heads, pale, training, kernel_build):
+    """In float32 the fast path also runs oneDNN's linear and, on AVX2 and AVX-512
+    CPUs, the fused attention and depthwise-conv kernels (each build the CPU runs:
+    ``kernel_build``, tests/ops/conftest.py). Both paths are compared with the
     float64 reference; the fast path's error may not exceed the tolerance of a
     computation with these reductions (the MLP's 4C-term GEMM, a group's keys). A
     gradient's error is relative to the size of its terms, not of its value (the

@@ -1,5 +1,8 @@
-// Fused fp32 softmax attention for the CPU at head dims up to 32 (AVX-512), forward
-// and backward, used by PS-Attention (pale_mm/models/cpu_attention.py).
+// Fused fp32 softmax attention for the CPU at head dims up to 32, forward and
+// backward, used by PS-Attention (pale_mm/ops/attention.py). Written once against
+// the vector layer of simd.h and built twice by pale_mm/ops/kernels.py: AVX-512
+// (16-float vectors, 32 registers) and AVX2 (8-float vectors, 16 registers); the
+// register tile shape follows from the width (MR, NV below).
 //
 // Attention runs within sequences of N rows; row r of sequence s lies at element
 // offset offsets[s][r] of the q, k, v and o tensors (head_dim contiguous floats; the
@@ -7,174 +10,126 @@
 // pale groups are gathered from and scattered back to the (B, H, W, C) maps inside
 // the kernel, without grouped copies. Each row of scores (N <= a few
 // thousand for pale groups) is computed whole, so the softmax is exact per row
-// (no online rescaling). Register tiles: 8 query rows x 32 key columns for the
-// score GEMM (contraction over the head dim), 8 rows x 32 head channels for the
-// value GEMM (contraction over keys); K is packed transposed per sequence with
-// 16 x 16 register transposes. The forward scales q by scale * log2(e), so its
-// scores are in log2 units and the softmax is 2^(s - max), the max taken in the
-// score GEMM's epilogue. It returns o and the row log-sum-exp (natural log), which
-// the backward uses to recompute the probabilities.
+// (no online rescaling). Register tiles: MR query rows x NV vectors of key columns
+// for the score GEMM (contraction over the head dim), MR rows x NV vectors of head
+// channels for the value GEMM (contraction over keys; AVX2 takes the 32 channels in
+// two passes); K is packed transposed per sequence with W x W register transposes.
+// The forward scales q by scale * log2(e), so its scores are in log2 units and the
+// softmax is 2^(s - max), the max taken in the score GEMM's epilogue. It returns o
+// and the row log-sum-exp (natural log), which the backward uses to recompute the
+// probabilities.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <vector>
+
+#include "simd.h"
 
 namespace {
 
+using namespace pale_simd;
+
 constexpr int D = 32;   // head dim of the register tiles; a real head dim d <= 32 is
                         // zero-padded to D in the packed copies (same scores and outputs)
+#if PALE_MM_VEC == 16
 constexpr int MR = 8;   // rows per register tile
-constexpr int MB = 32;  // query rows per backward block (a multiple of MR)
-constexpr int QCHUNK = 128;  // query rows per forward work item
+constexpr int NV = 2;   // vectors per row of a tile: 32 columns
+#else
+constexpr int MR = 6;   // 6 x 2 vectors (16 columns): 12 accumulators, the two B
+constexpr int NV = 2;   // vectors and a broadcast fit the 16 registers
+#endif
+static_assert(MR * NV + NV + 1 <= kRegisters, "a register tile must fit the registers");
+static_assert(D % (NV * W) == 0, "the value GEMM covers the head dim in whole tiles");
+constexpr int MB = 4 * MR;       // query rows per backward block (a multiple of MR)
+constexpr int QCHUNK = 16 * MR;  // query rows per forward work item
+// The backward steps over key rows (dK, dV) MR at a time, and over score columns W
+// at a time: its padded length is a multiple of both.
+constexpr int NP_BWD = std::lcm(W, MR);  // 16 (AVX-512), 24 (AVX2)
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// 2^x for finite x <= 0 (differences to a row maximum, in log2 units); |rel err|
-// < 2.5e-7 (a degree-5 relative-error minimax fit of 2^f on [-0.5, 0.5], evaluated
-// in fp32). No clamp is needed: for very negative x, f = x - round(x) stays in
-// [-0.5, 0.5] and scalef underflows to 0.
-inline __m512 exp2_ps(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.32765e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.67554e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402212e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314697e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.00000007f));
-  return _mm512_scalef_ps(p, n);
-}
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-// exp(x) for finite x <= 0.
-inline __m512 exp_ps(__m512 x) { return exp2_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e))); }
-
-// Lanes of the 16-wide block at j that lie below n: the real keys (columns < n) of a
+// Lanes of the W-wide block at j that lie below n: the real keys (columns < n) of a
 // block of score columns, or the real floats of a row of n floats.
-inline __mmask16 key_mask(int j, int n) {
-  return n - j >= 16 ? static_cast<__mmask16>(0xFFFF)
-                     : n <= j ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << (n - j)) - 1);
+inline mask key_mask(int j, int n) { return lanes_below(n - j); }
+
+// One tile of gemm_abt: columns [j, j + kNV * W).
+template <int kNV, bool kMax>
+inline __attribute__((always_inline)) void abt_tile(const float* A, const float* Bt, int ldb,
+                                                    int j, float* C, int ldc, int n, vec* mx) {
+  vec c[MR][kNV];
+  for (int i = 0; i < MR; i++)
+    for (int v = 0; v < kNV; v++) c[i][v] = zero();
+  for (int kk = 0; kk < D; kk++) {
+    vec b[kNV];
+    for (int v = 0; v < kNV; v++) b[v] = load(Bt + kk * ldb + j + v * W);
+    for (int i = 0; i < MR; i++) {
+      const vec a = set1(A[i * D + kk]);
+      for (int v = 0; v < kNV; v++) c[i][v] = fmadd(a, b[v], c[i][v]);
+    }
+  }
+  for (int i = 0; i < MR; i++)
+    for (int v = 0; v < kNV; v++) store(C + i * ldc + j + v * W, c[i][v]);
+  if (kMax)
+    for (int v = 0; v < kNV; v++) {
+      const mask m = key_mask(j + v * W, n);
+      for (int i = 0; i < MR; i++) mx[i] = mask_max(mx[i], m, c[i][v]);
+    }
 }
 
-// C[MR][ldc] = A[MR][D] (row stride D) x Bt[D][ldb], columns [0, np), np % 16 == 0.
-// With kMax, also row_max[i] = max of row i of C over the columns [0, n), n > np - 16.
+// C[MR][ldc] = A[MR][D] (row stride D) x Bt[D][ldb], columns [0, np), np % W == 0.
+// With kMax, also row_max[i] = max of row i of C over the columns [0, n), n > np - W.
 template <bool kMax>
 void gemm_abt(const float* A, const float* Bt, int ldb, int np, float* C, int ldc,
               int n = 0, float* row_max = nullptr) {
-  __m512 mx[MR];
+  vec mx[MR];
   if (kMax)
-    for (int i = 0; i < MR; i++) mx[i] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int i = 0; i < MR; i++) mx[i] = neg_inf();
   int j = 0;
-  for (; j + 32 <= np; j += 32) {
-    __m512 c0[MR], c1[MR];
-    for (int i = 0; i < MR; i++) c0[i] = c1[i] = _mm512_setzero_ps();
-    for (int kk = 0; kk < D; kk++) {
-      const __m512 b0 = _mm512_loadu_ps(Bt + kk * ldb + j);
-      const __m512 b1 = _mm512_loadu_ps(Bt + kk * ldb + j + 16);
-      for (int i = 0; i < MR; i++) {
-        const __m512 a = _mm512_set1_ps(A[i * D + kk]);
-        c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
-        c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
-      }
-    }
-    for (int i = 0; i < MR; i++) {
-      _mm512_storeu_ps(C + i * ldc + j, c0[i]);
-      _mm512_storeu_ps(C + i * ldc + j + 16, c1[i]);
-    }
-    if (kMax) {
-      const __mmask16 m0 = key_mask(j, n), m1 = key_mask(j + 16, n);
-      for (int i = 0; i < MR; i++) {
-        mx[i] = _mm512_mask_max_ps(mx[i], m0, mx[i], c0[i]);
-        mx[i] = _mm512_mask_max_ps(mx[i], m1, mx[i], c1[i]);
-      }
-    }
-  }
-  for (; j < np; j += 16) {
-    __m512 c0[MR];
-    for (int i = 0; i < MR; i++) c0[i] = _mm512_setzero_ps();
-    for (int kk = 0; kk < D; kk++) {
-      const __m512 b0 = _mm512_loadu_ps(Bt + kk * ldb + j);
-      for (int i = 0; i < MR; i++)
-        c0[i] = _mm512_fmadd_ps(_mm512_set1_ps(A[i * D + kk]), b0, c0[i]);
-    }
-    for (int i = 0; i < MR; i++) _mm512_storeu_ps(C + i * ldc + j, c0[i]);
-    if (kMax)
-      for (int i = 0; i < MR; i++) mx[i] = _mm512_mask_max_ps(mx[i], key_mask(j, n), mx[i], c0[i]);
-  }
+  for (; j + NV * W <= np; j += NV * W) abt_tile<NV, kMax>(A, Bt, ldb, j, C, ldc, n, mx);
+  for (; j < np; j += W) abt_tile<1, kMax>(A, Bt, ldb, j, C, ldc, n, mx);
   if (kMax)
-    for (int i = 0; i < MR; i++) row_max[i] = _mm512_reduce_max_ps(mx[i]);
+    for (int i = 0; i < MR; i++) row_max[i] = reduce_max(mx[i]);
 }
 
-// C[MR][D] (= or +=) sum_l A[r*sr + l*sl] * B[l][0:D], l in [0, L).
+// C[MR][D] (= or +=) sum_l A[r*sr + l*sl] * B[l][0:D], l in [0, L); NV vectors of
+// columns at a time.
 void gemm_ab(const float* A, int64_t sr, int64_t sl, const float* B, int L, float* C,
              bool accumulate) {
-  __m512 c0[MR], c1[MR];
-  for (int i = 0; i < MR; i++) {
-    c0[i] = accumulate ? _mm512_loadu_ps(C + i * D) : _mm512_setzero_ps();
-    c1[i] = accumulate ? _mm512_loadu_ps(C + i * D + 16) : _mm512_setzero_ps();
-  }
-  for (int l = 0; l < L; l++) {
-    const __m512 b0 = _mm512_loadu_ps(B + l * D);
-    const __m512 b1 = _mm512_loadu_ps(B + l * D + 16);
-    const float* a = A + l * sl;
-    for (int i = 0; i < MR; i++) {
-      const __m512 ai = _mm512_set1_ps(a[i * sr]);
-      c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);
-      c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
+  for (int h = 0; h < D; h += NV * W) {
+    vec c[MR][NV];
+    for (int i = 0; i < MR; i++)
+      for (int v = 0; v < NV; v++)
+        c[i][v] = accumulate ? load(C + i * D + h + v * W) : zero();
+    for (int l = 0; l < L; l++) {
+      vec b[NV];
+      for (int v = 0; v < NV; v++) b[v] = load(B + l * D + h + v * W);
+      const float* a = A + l * sl;
+      for (int i = 0; i < MR; i++) {
+        const vec ai = set1(a[i * sr]);
+        for (int v = 0; v < NV; v++) c[i][v] = fmadd(ai, b[v], c[i][v]);
+      }
     }
-  }
-  for (int i = 0; i < MR; i++) {
-    _mm512_storeu_ps(C + i * D, c0[i]);
-    _mm512_storeu_ps(C + i * D + 16, c1[i]);
-  }
-}
-
-// In place: r[k] (row k of a 16 x 16 block) becomes column k of it.
-inline void transpose16(__m512 r[16]) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 8; i++) {  // per 128-bit lane L: rows 2i, 2i+1 of columns 4L.. 4L+3
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; i++) {  // u[4i + c], lane L: rows 4i..4i+3 of column 4L + c
-    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
-    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
-    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
-    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
-  }
-  for (int c = 0; c < 4; c++) {  // column 4L + c gathers lane L of u[c], u[4+c], u[8+c], u[12+c]
-    const __m512 x = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44);
-    const __m512 y = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
-    const __m512 x2 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xee);
-    const __m512 y2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xee);
-    r[c] = _mm512_shuffle_f32x4(x, y, 0x88);
-    r[4 + c] = _mm512_shuffle_f32x4(x, y, 0xdd);
-    r[8 + c] = _mm512_shuffle_f32x4(x2, y2, 0x88);
-    r[12 + c] = _mm512_shuffle_f32x4(x2, y2, 0xdd);
+    for (int i = 0; i < MR; i++)
+      for (int v = 0; v < NV; v++) store(C + i * D + h + v * W, c[i][v]);
   }
 }
 
 // Row r of a sequence lies at base + off[r] (d <= D contiguous floats).
-// Kt[D][np] = rows^T, zero in columns [n, np) and in rows [d, D). Blocks of 16 rows
-// are transposed in registers; the last n % 16 rows element by element.
+// Kt[D][np] = rows^T, zero in columns [n, np) and in rows [d, D). Blocks of W rows
+// are transposed in registers; the last n % W rows element by element.
 void pack_transposed(const float* base, const int64_t* off, int n, int np, int d, float* Kt) {
   for (int kk = 0; kk < D; kk++) std::fill(Kt + kk * np + n, Kt + (kk + 1) * np, 0.f);
-  const int full = n / 16 * 16;
-  __m512 r[16];
-  for (int j = 0; j < full; j += 16) {
-    for (int h = 0; h < D; h += 16) {
-      const __mmask16 m = key_mask(h, d);
-      for (int x = 0; x < 16; x++) r[x] = _mm512_maskz_loadu_ps(m, base + off[j + x] + h);
-      transpose16(r);
-      for (int x = 0; x < 16; x++) _mm512_storeu_ps(Kt + (h + x) * np + j, r[x]);
+  const int full = n / W * W;
+  vec r[W];
+  for (int j = 0; j < full; j += W) {
+    for (int h = 0; h < D; h += W) {
+      for (int x = 0; x < W; x++) r[x] = load_first(base + off[j + x] + h, d - h);
+      transpose(r);
+      for (int x = 0; x < W; x++) store(Kt + (h + x) * np + j, r[x]);
     }
   }
   for (int j = full; j < n; j++) {
@@ -206,24 +161,23 @@ void scatter_rows(const float* src, int rows, int d, float mul, float* base, con
 // Rows of MR x np scores (log2 units) -> 2^(s - m), m the row max over the real
 // columns [0, n) (given); columns >= n become exactly 0. Returns each row's sum.
 void softmax_rows(float* S, int n, int np, const float* row_max, float* row_sum) {
-  const int full = n / 16 * 16;
+  const int full = n / W * W;
   for (int i = 0; i < MR; i++) {
     float* s = S + static_cast<size_t>(i) * np;
-    const __m512 mv = _mm512_set1_ps(row_max[i]);
-    __m512 sum = _mm512_setzero_ps();
+    const vec mv = set1(row_max[i]);
+    vec sum = zero();
     int j = 0;
-    for (; j < full; j += 16) {
-      const __m512 e = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv));
-      _mm512_storeu_ps(s + j, e);
-      sum = _mm512_add_ps(sum, e);
+    for (; j < full; j += W) {
+      const vec e = exp2_ps(sub(load(s + j), mv));
+      store(s + j, e);
+      sum = add(sum, e);
     }
-    if (j < np) {  // the tail block: padded key columns are zeroed
-      const __m512 e = _mm512_maskz_mov_ps(key_mask(j, n),
-                                           exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv)));
-      _mm512_storeu_ps(s + j, e);
-      sum = _mm512_add_ps(sum, e);
+    for (; j < np; j += W) {  // the tail blocks: padded key columns are zeroed
+      const vec e = maskz(key_mask(j, n), exp2_ps(sub(load(s + j), mv)));
+      store(s + j, e);
+      sum = add(sum, e);
     }
-    row_sum[i] = _mm512_reduce_add_ps(sum);
+    row_sum[i] = reduce_add(sum);
   }
 }
 
@@ -256,7 +210,7 @@ torch::Tensor attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor 
   const int n = static_cast<int>(offsets.size(1));
   auto lse = torch::empty({S, n}, q.options());
   if (n == 0 || S == 0) return lse;
-  const int np = round_up(n, 16);
+  const int np = round_up(n, W);
   const int chunks = (n + QCHUNK - 1) / QCHUNK;
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
@@ -310,7 +264,7 @@ void attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k
   TORCH_CHECK(lse.is_contiguous() && lse.dim() == 2 && lse.size(0) == S && lse.size(1) == n,
               "pale_mm attention_cpu: lse must be a contiguous (S, N) tensor");
   if (n == 0 || S == 0) return;
-  const int np = round_up(n, 16);
+  const int np = round_up(n, NP_BWD);
   const float* gp = grad_out.data_ptr<float>();
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
@@ -356,12 +310,11 @@ void attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k
             }
             float delta = 0.f;
             for (int x = 0; x < D; x++) delta += G[(t + i) * D + x] * O[(t + i) * D + x];
-            const __m512 l = _mm512_set1_ps(lp[s * n + r]), dl = _mm512_set1_ps(delta);
-            for (int j = 0; j < np; j += 16) {
-              const __m512 e = _mm512_maskz_mov_ps(
-                  key_mask(j, n), exp_ps(_mm512_sub_ps(_mm512_loadu_ps(p + j), l)));
-              _mm512_storeu_ps(p + j, e);
-              _mm512_storeu_ps(ds + j, _mm512_mul_ps(e, _mm512_sub_ps(_mm512_loadu_ps(ds + j), dl)));
+            const vec l = set1(lp[s * n + r]), dl = set1(delta);
+            for (int j = 0; j < np; j += W) {
+              const vec e = maskz(key_mask(j, n), exp_ps(sub(load(p + j), l)));
+              store(p + j, e);
+              store(ds + j, mul(e, sub(load(ds + j), dl)));
             }
           }
           gemm_ab(dSt, np, 1, K.data(), n, dQt, false);

@@ -1,5 +1,7 @@
 // Depthwise 3x3 convolutions (stride 1, padding 1) on channels-last fp32 maps for the
-// CPU (AVX-512), inference only; used by the Pale block (pale_mm/models/cpu_dwconv.py).
+// CPU, inference only; used by the Pale block (pale_mm/ops/dwconv.py). Written once
+// against simd.h's vector layer and built for AVX-512 and for AVX2 (W = 16 or 8
+// channels per vector; see pale_mm/ops/kernels.py).
 //
 // x is a contiguous (B, H, W, C) map. T weight sets (T = 1 or 3), stored (T, 3, 3, C),
 // give T outputs of x's shape:
@@ -9,48 +11,67 @@
 // same map) each input vector is loaded once for all three outputs. PyTorch's oneDNN
 // depthwise conv reads and writes each map once per call, at a fraction of this
 // machine's bandwidth at these sizes; this kernel keeps each channel block's weights
-// in registers and runs one pass over the map for all T outputs.
+// in registers (AVX2's 16 registers hold them for T = 1; for T = 3 the compiler
+// keeps some in L1, read by the FMAs) and runs one pass over the map for all T
+// outputs.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
+#include <algorithm>
 #include <vector>
+
+#include "simd.h"
 
 namespace {
 
-template <int T, bool kResidual>
-void dwconv_rows(const float* x, const float* wt, const float* bias, float* const* out, int64_t H,
-                 int64_t W, int64_t C, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; r++) {  // r = b * H + h
-    const int64_t h = r % H;
-    const float* rows[3] = {h > 0 ? x + (r - 1) * W * C : nullptr, x + r * W * C,
-                            h + 1 < H ? x + (r + 1) * W * C : nullptr};
-    for (int64_t c0 = 0; c0 < C; c0 += 16) {
-      const __mmask16 m = C - c0 >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                       : static_cast<__mmask16>((1u << (C - c0)) - 1);
-      __m512 wv[T][9], bv[T];
-      for (int t = 0; t < T; t++) {
-        for (int k = 0; k < 9; k++)
-          wv[t][k] = _mm512_maskz_loadu_ps(m, wt + (static_cast<int64_t>(t) * 9 + k) * C + c0);
-        bv[t] = _mm512_maskz_loadu_ps(m, bias + t * C + c0);
-      }
-      for (int64_t w = 0; w < W; w++) {
-        __m512 acc[T];
-        for (int t = 0; t < T; t++) acc[t] = bv[t];
-        for (int i = 0; i < 3; i++) {
-          if (!rows[i]) continue;
-          const float* p = rows[i] + w * C + c0;
-          for (int j = 0; j < 3; j++) {
-            if ((j == 0 && w == 0) || (j == 2 && w + 1 == W)) continue;
-            const __m512 xv = _mm512_maskz_loadu_ps(m, p + (j - 1) * C);
-            for (int t = 0; t < T; t++) acc[t] = _mm512_fmadd_ps(xv, wv[t][i * 3 + j], acc[t]);
-          }
-        }
-        const int64_t o = (r * W + w) * C + c0;
-        if (kResidual) acc[0] = _mm512_add_ps(acc[0], _mm512_maskz_loadu_ps(m, x + o));
-        for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(out[t] + o, m, acc[t]);
+using namespace pale_simd;
+
+// One block of channels [c0, c0 + W) of rows [r0, r1); kFull: all W channels are
+// real (plain loads and stores), else the first C - c0 (masked).
+template <int T, bool kResidual, bool kFull>
+inline void dwconv_block(const float* x, const float* wt, const float* bias, float* const* out,
+                         int64_t H, int64_t Wd, int64_t C, int64_t r, int64_t c0) {
+  const int64_t h = r % H;  // r = b * H + h
+  const float* rows[3] = {h > 0 ? x + (r - 1) * Wd * C : nullptr, x + r * Wd * C,
+                          h + 1 < H ? x + (r + 1) * Wd * C : nullptr};
+  const mask m = lanes_below(static_cast<int>(std::min<int64_t>(C - c0, W)));
+  auto ld = [&](const float* p) { return kFull ? load(p) : maskz_load(m, p); };
+  vec wv[T][9], bv[T];
+  for (int t = 0; t < T; t++) {
+    for (int k = 0; k < 9; k++) wv[t][k] = ld(wt + (static_cast<int64_t>(t) * 9 + k) * C + c0);
+    bv[t] = ld(bias + t * C + c0);
+  }
+  for (int64_t w = 0; w < Wd; w++) {
+    vec acc[T];
+    for (int t = 0; t < T; t++) acc[t] = bv[t];
+    for (int i = 0; i < 3; i++) {
+      if (!rows[i]) continue;
+      const float* p = rows[i] + w * C + c0;
+      for (int j = 0; j < 3; j++) {
+        if ((j == 0 && w == 0) || (j == 2 && w + 1 == Wd)) continue;
+        const vec xv = ld(p + (j - 1) * C);
+        for (int t = 0; t < T; t++) acc[t] = fmadd(xv, wv[t][i * 3 + j], acc[t]);
       }
     }
+    const int64_t o = (r * Wd + w) * C + c0;
+    if (kResidual) acc[0] = add(acc[0], ld(x + o));
+    for (int t = 0; t < T; t++) {
+      if (kFull)
+        store(out[t] + o, acc[t]);
+      else
+        mask_store(out[t] + o, m, acc[t]);
+    }
+  }
+}
+
+template <int T, bool kResidual>
+void dwconv_rows(const float* x, const float* wt, const float* bias, float* const* out, int64_t H,
+                 int64_t Wd, int64_t C, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; r++) {
+    int64_t c0 = 0;
+    for (; c0 + W <= C; c0 += W)
+      dwconv_block<T, kResidual, true>(x, wt, bias, out, H, Wd, C, r, c0);
+    if (c0 < C) dwconv_block<T, kResidual, false>(x, wt, bias, out, H, Wd, C, r, c0);
   }
 }
 
