@@ -3,7 +3,7 @@
 The model files (:mod:`pale_mm.models`) are the reference: every module's forward
 calls its own layers, so SyncBatchNorm conversion, hooks, FLOP counters, FX and ONNX
 export see the model that runs. This package holds faster implementations of a few
-of those forwards, each proven equal to the reference in the tests:
+of those forwards, each proven equal to the reference in the tests. For CPU tensors:
 
 - :mod:`.pale`: the Pale block (CPE, PS-Attention, MLP) with copy-once pale grouping,
   BatchNorm folded into the q/k/v projections, residual adds fused into the output
@@ -11,13 +11,21 @@ of those forwards, each proven equal to the reference in the tests:
   instead of stored, for all three backbones.
 - :mod:`.linear`: oneDNN's linear with fused GELU / residual post-ops (fp32 CPU
   inference).
-- :mod:`.attention`, :mod:`.dwconv`: fused fp32 CPU kernels (AVX-512) for pale
+- :mod:`.attention`, :mod:`.dwconv`: fused fp32 CPU kernels (AVX-512 or AVX2) for pale
   attention and the block's depthwise convs, built on first use (:mod:`.kernels`).
 
+For CUDA tensors:
+
+- :mod:`.pale_cuda`: PS-Attention with its q/k/v projections as one batched GEMM and
+  the pale attention of both branches in one fused Triton kernel
+  (:mod:`.triton_pale`), its modules (BatchNorm or SyncBatchNorm included) called as
+  modules; the Pale block and the MLP run their reference forwards.
+
 A model reaches them through one dispatch point, :func:`fast_path`, called first
-in the forward of the modules that have a fast implementation. It returns ``None``,
-and the reference forward runs, whenever a fast path could differ from what a
-standard tool expects to see:
+in the forward of the modules that have a fast implementation; it picks the fast path
+registered for the module's class and the device type of its input. It returns
+``None``, and the reference forward runs, when there is none, or whenever a fast path
+could differ from what a standard tool expects to see:
 
 - fast paths are switched off: :func:`set_fast_paths` or ``PALE_MM_FAST_PATHS=0``;
 - the model is being traced, scripted or exported (``torch.jit``, ``torch.fx``,
