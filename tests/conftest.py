@@ -12,6 +12,13 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Without a GPU, pale_mm's Triton kernels (pale_mm/ops/triton_pale.py) run in Triton's
+# interpreter on CPU tensors, so their tests (tests/ops/test_pale_cuda.py) prove them
+# on any machine. Set before anything imports Triton: pale_mm does (through torch's
+# compiler stack), and a kernel module defined outside interpreter mode cannot run in it.
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+
 
 def pytest_addoption(parser):
     parser.addoption(

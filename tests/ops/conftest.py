@@ -5,19 +5,12 @@
   forced, the AVX2 build; on an AVX2-only CPU (or under ``ATEN_CPU_CAPABILITY=avx2``)
   the AVX2 build. So CI on either kind of machine tests every build it can.
 - Triton kernels (pale_mm/ops/triton_pale.py): without a GPU they run in Triton's
-  interpreter on CPU tensors, so their tests prove them on any machine. The variable
-  must be set before the kernels are defined (their module is imported lazily, on the
-  first use of the GPU path).
+  interpreter on CPU tensors (``TRITON_INTERPRET=1``, set in tests/conftest.py before
+  anything imports Triton).
 """
-import os
-
 import pytest
-import torch
 
 from pale_mm.ops import kernels
-
-if not torch.cuda.is_available():
-    os.environ.setdefault('TRITON_INTERPRET', '1')
 
 BUILDS = kernels.available_isas()
 
