@@ -73,33 +73,6 @@ TORCH_INSTALLED="$("$VENV/bin/python" -c 'import torch; print(torch.__version__.
 WHEEL_DIR="$CACHE/wheels/mmcv-$MMCV_VER-torch$TORCH_INSTALLED-$PYTAG"
 mkdir -p "$WHEEL_DIR"
 
-# Progress of the mmcv build: one line per compiled file as ninja finishes it, with
-# the elapsed time and an estimate of the time left. Python (unbuffered) rather than
-# awk: Debian's mawk reads a pipe in blocks, so its lines came in bursts.
-PROGRESS_PY='
-import os, re, sys, time
-t0 = time.time()
-jobs = max(1, int(os.environ.get("MAX_JOBS", "2")))
-step = re.compile(r"^\s*\[(\d+)/(\d+)\]\s")
-bad = re.compile(r"error:|Error|FAILED")
-def mmss(s):
-    s = int(round(s))
-    return f"{s // 60}m{s % 60:02d}s"
-for line in sys.stdin:
-    m = step.match(line)
-    if m:
-        k, n = int(m.group(1)), int(m.group(2))
-        words = [w for w in line.split() if w.endswith((".cpp", ".cc", ".cu"))]
-        name = (words[-1] if words else line.split()[-1]).rsplit("/", 1)[-1]
-        el = time.time() - t0
-        # the jobs still running are on average half done
-        left = el * (n - k) / (k + (jobs - 1) / 2) if k < n else 0
-        tail = f"about {mmss(left)} left" if k < n else "linking"
-        print(f"  mmcv build [{k}/{n}] {name:<32} {mmss(el)} elapsed, {tail}", flush=True)
-    elif bad.search(line):
-        print(line, end="", flush=True)
-'
-
 # The compiler for mmcv's op files: c++ with torch's headers precompiled once. Every
 # op file includes "pytorch_cpp_helper.hpp" (torch/types.h: most of a file's compile
 # time), 63 of the 77 as their first line; GCC then loads <header>.gch from the header's
@@ -175,7 +148,7 @@ PYEOF
         PALE_MM_REAL_CXX="${CXX:-c++}" CXX="$BUILD/g++-pch" \
         PALE_MM_PCH_HEADER="$SRC/mmcv/ops/csrc/common/pytorch_cpp_helper.hpp" \
         "${PIP[@]}" wheel -v --no-deps --no-build-isolation -w "$BUILD/dist" . ) 2>&1 \
-      | tee "$LOG" | MAX_JOBS="$JOBS" "$VENV/bin/python" -u -c "$PROGRESS_PY"
+      | tee "$LOG" | MAX_JOBS="$JOBS" "$VENV/bin/python" -u "$ROOT/tools/build_progress.py"
     if ! ls "$BUILD"/dist/mmcv-*.whl >/dev/null 2>&1; then
       say "mmcv build FAILED; see $LOG"; exit 1
     fi
