@@ -213,11 +213,29 @@ def arch_list(env, torch_devices, smi):
 def parse_arch(token):
     """'9.0' / '9.0a' / '8.6+PTX' -> ((9, 0), suffix); named arches ('Hopper') -> None."""
     m = re.fullmatch(r'(\d+)\.(\d+)([a-z]?)(\+PTX)?', token)
-    return ((int(m.group(1)), int(m.group(2))), m.group(3) + ('ptx' if m.group(4) else '')) if m else None
+    if not m:
+        return None
+    return (int(m.group(1)), int(m.group(2))), m.group(3) + ('ptx' if m.group(4) else '')
 
 
 def arch_tokens(archs):
     return [t for t in re.split(r'[;\s]+', archs) if t]
+
+
+def runs_on(archs, cap):
+    """Whether code built for ``archs`` runs on a GPU of compute capability ``cap``: a
+    cubin for M.m runs on M.n with n >= m (M.ma only on M.m), PTX for M.m on any later
+    GPU (compiled when loaded). Named arches ('Hopper') are taken to cover it."""
+    for tok in arch_tokens(archs):
+        p = parse_arch(tok)
+        if p is None:
+            return True
+        (major, minor), suffix = p
+        if 'ptx' in suffix and (major, minor) <= cap:
+            return True
+        if major == cap[0] and (minor == cap[1] or (minor < cap[1] and suffix == '')):
+            return True
+    return False
 
 
 def cache_key(build, torch_cuda=None, archs=''):
@@ -245,7 +263,8 @@ def describe_gpus(torch_f, smi):
             if torch_f['devices'] else 'sees no GPU')
     cuda = f'CUDA {torch_f["cuda"]}' if torch_f['cuda'] else 'a CPU-only build'
     lines.append(f'torch {torch_f["version"]} ({cuda}) {seen}'
-                 + (f' [{torch_f["warning"]}]' if torch_f['warning'] and not torch_f['devices'] else ''))
+                 + (f' [{torch_f["warning"]}]'
+                    if torch_f['warning'] and not torch_f['devices'] else ''))
     return lines
 
 
@@ -288,11 +307,13 @@ def cuda_problems(torch_f, smi, env, home, tried, nvcc_ver, nvcc_archs, archs, m
                       'repair or reinstall that CUDA toolkit, or point CUDA_HOME at another'))
     else:
         if tcuda and nvcc_ver[0] != int(tcuda.split('.')[0]):
-            probs.append((f'nvcc {fmt_cap(nvcc_ver)} at {home} does not match torch\'s CUDA {tcuda}: '
+            probs.append((f'nvcc {fmt_cap(nvcc_ver)} at {home} does not match '
+                          f'torch\'s CUDA {tcuda}: '
                           'the CUDA major versions must match (torch refuses to build otherwise)',
                           f'install the {want} toolkit and set CUDA_HOME to it'))
         if missing_headers:
-            probs.append((f'{", ".join(missing_headers)} (CUDA library headers torch\'s CUDA headers '
+            probs.append((f'{", ".join(missing_headers)} '
+                          '(CUDA library headers torch\'s CUDA headers '
                           f'include) are neither in {home}/include nor in torch\'s nvidia packages',
                           'install the whole CUDA toolkit (with cuBLAS, cuSPARSE and cuSOLVER '
                           'development headers), or reinstall torch with its nvidia-* packages'))
@@ -302,7 +323,8 @@ def cuda_problems(torch_f, smi, env, home, tried, nvcc_ver, nvcc_archs, archs, m
                       'set TORCH_CUDA_ARCH_LIST to the compute capabilities to build for, '
                       'e.g. TORCH_CUDA_ARCH_LIST=9.0 for an H100/H200'))
     elif nvcc_archs:
-        bad = [t for t in arch_tokens(archs) if parse_arch(t) and parse_arch(t)[0] not in nvcc_archs]
+        bad = [t for t in arch_tokens(archs)
+               if parse_arch(t) and parse_arch(t)[0] not in nvcc_archs]
         if bad:
             probs.append((f'nvcc {fmt_cap(nvcc_ver)} cannot compile for compute capability '
                           f'{", ".join(bad)} (nvcc --list-gpu-arch)',
@@ -312,7 +334,8 @@ def cuda_problems(torch_f, smi, env, home, tried, nvcc_ver, nvcc_archs, archs, m
         dbg = [f for f in shlex.split(env.get(var, '')) if f in DEBUG_FLAGS]
         if dbg:
             probs.append((f'{var} adds debug info to every nvcc command ({" ".join(dbg)}); '
-                          'the wheel would be cached with it (and -G turns off device optimization)',
+                          'the wheel would be cached with it '
+                          '(and -G turns off device optimization)',
                           f'unset {var} for this run'))
     return probs
 
@@ -339,7 +362,7 @@ def detect(env, default_home=DEFAULT_CUDA_HOME):
         if gpu_here:
             bar = '!' * 78
             log(bar)
-            log(f'WARNING: {OPT_OUT}=1: building mmcv WITHOUT CUDA ops on a machine with a GPU:')
+            log(f'WARNING: {OPT_OUT}=1: mmcv WITHOUT CUDA ops on a machine with a GPU:')
             for line in describe_gpus(torch_f, smi):
                 log(f'  {line}')
             log('  mmcv.ops (RoIAlign, NMS, deformable convs, ...) will FAIL on CUDA tensors:')
@@ -379,11 +402,16 @@ def detect(env, default_home=DEFAULT_CUDA_HOME):
     for line in describe_gpus(torch_f, smi):
         log(line)
     if torch_f['cuda'] and nvcc_ver != tuple(int(x) for x in torch_f['cuda'].split('.')[:2]):
-        log(f'note: nvcc {fmt_cap(nvcc_ver)} and torch\'s CUDA {torch_f["cuda"]} differ in the minor '
+        log(f'note: nvcc {fmt_cap(nvcc_ver)} and torch\'s CUDA {torch_f["cuda"]} '
+            'differ in the minor '
             'version (torch allows it)')
     key = cache_key('cuda', torch_f['cuda'], archs)
     log(f'mmcv with CUDA ops ({why}): nvcc {fmt_cap(nvcc_ver)} from {home}, '
         f'TORCH_CUDA_ARCH_LIST={archs} ({arch_src}); cache key {key}')
+    missed = sorted({fmt_cap(c) for _, c in torch_f['devices'] if not runs_on(archs, c)})
+    if missed:
+        log(f'WARNING: TORCH_CUDA_ARCH_LIST={archs} has no code for compute capability '
+            f'{", ".join(missed)} of the GPU(s) here: mmcv\'s CUDA ops will not run on them')
     if extra:
         log(f'torch\'s CUDA library headers are not in {home}/include: taken from '
             f'{", ".join(extra)} (CPATH)')
@@ -509,7 +537,8 @@ def check_ops():
         got = roi_align(x.to(dev), rois.to(dev), (2, 2), 1.0, 2, 'avg', True)
     except RuntimeError as e:
         print(f'mmcv CUDA ops FAILED on {torch.cuda.get_device_name(0)}: {e}\n'
-              'mmcv was probably built without CUDA ops: rerun tools/setup_env.sh', file=sys.stderr)
+              'mmcv was built without CUDA ops, or not for this GPU (TORCH_CUDA_ARCH_LIST): '
+              'rerun tools/setup_env.sh', file=sys.stderr)
         return 1
     ok_nms = keep_gpu.device.type == 'cuda' and keep_gpu.cpu().tolist() == keep_cpu.tolist()
     ok_roi = got.device.type == 'cuda' and torch.allclose(got.cpu(), ref, atol=1e-5)

@@ -102,7 +102,8 @@ cuda = types.SimpleNamespace(
         home = os.path.join(self.root, name)
         arch_out = ' '.join(f'compute_{a}' for a in archs)
         _script(os.path.join(home, 'bin', 'nvcc'), f'''case "$1" in
---version) printf 'nvcc: NVIDIA (R) Cuda compiler driver\\nCuda compilation tools, release {release}, V{release}.88\\n';;
+--version) printf 'nvcc: NVIDIA (R) Cuda compiler driver\\n';
+  printf 'Cuda compilation tools, release {release}, V{release}.88\\n';;
 --list-gpu-arch) printf '{arch_out}\\n';;
 *) exit 1;;
 esac
@@ -215,6 +216,25 @@ def test_user_arch_list_overrides(machine):
     assert plan['MMCV_ARCH_LIST'] == '8.6 9.0+PTX'
     assert plan['MMCV_KEY'] == 'cu130-sm86_sm90ptx'
     assert 'from the environment' in err
+
+
+def test_user_arch_list_without_the_gpu_here_warns(machine):
+    machine.torch(devices=[H200])
+    machine.env.update(CUDA_HOME=machine.toolkit(headers=True), TORCH_CUDA_ARCH_LIST='8.0')
+    rc, plan, err = machine.run()
+    assert rc == 0, err
+    assert plan['MMCV_KEY'] == 'cu130-sm80'
+    assert 'has no code for compute capability 9.0' in err
+
+
+def test_runs_on():
+    assert cuda_env.runs_on('9.0', (9, 0))
+    assert not cuda_env.runs_on('8.0', (9, 0))
+    assert cuda_env.runs_on('8.0', (8, 6))  # a cubin runs on later minor versions
+    assert not cuda_env.runs_on('8.6', (8, 0))
+    assert cuda_env.runs_on('8.0+PTX', (9, 0))  # PTX on any later GPU
+    assert not cuda_env.runs_on('9.0a', (9, 1))  # arch-specific code: that GPU only
+    assert cuda_env.runs_on('7.5;8.0 9.0', (9, 0))
 
 
 def test_gpu_without_nvcc_says_what_to_install(machine):
@@ -358,7 +378,8 @@ def test_plan_evals_in_bash(machine):
 def test_cache_key():
     assert cuda_env.cache_key('cpu') == 'cpu'
     assert cuda_env.cache_key('cuda', '13.0', '9.0') == 'cu130-sm90'
-    assert cuda_env.cache_key('cuda', '12.8', '9.0;8.0') == cuda_env.cache_key('cuda', '12.8', '8.0 9.0')
+    assert cuda_env.cache_key('cuda', '12.8', '9.0;8.0') == \
+        cuda_env.cache_key('cuda', '12.8', '8.0 9.0')
     assert cuda_env.cache_key('cuda', '12.8', '8.0;9.0') == 'cu128-sm80_sm90'
     assert cuda_env.cache_key('cuda', '13.0', '9.0a') == 'cu130-sm90a'
     assert cuda_env.cache_key('cuda', '13.0', 'Hopper') == 'cu130-hopper'
@@ -468,7 +489,8 @@ NVCC_LINE = ('[60/136] /usr/local/cuda/bin/nvcc -MD -MF /b/roi_align_cuda.o.d -D
 ])
 def test_nvcc_flags(tmp_path, extra, debug):
     log = tmp_path / 'build.log'
-    log.write_text('[1/136] c++ -MMD -c /s/a.cpp -o /b/a.o -g -g0\n' + NVCC_LINE.format(extra=extra))
+    log.write_text('[1/136] c++ -MMD -c /s/a.cpp -o /b/a.o -g -g0\n'
+                   + NVCC_LINE.format(extra=extra))
     first, found = cuda_env.nvcc_flags(str(log))
     assert first[:4] == ['--expt-relaxed-constexpr', '--compiler-options', "'-fPIC'", '-std=c++20']
     assert '-gencode=arch=compute_90,code=sm_90' in first
