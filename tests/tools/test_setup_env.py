@@ -365,11 +365,12 @@ def test_plan_evals_in_bash(machine):
     """setup_env.sh evals detect's output: the arch list's ';' must stay quoted."""
     machine.torch(devices=[H200, A100])
     machine.env['CUDA_HOME'] = machine.toolkit(headers=True)
-    env = {'PATH': machine.bin + ':/usr/bin:/bin', 'PYTHONPATH': machine.site, **machine.env}
+    env = {'PATH': machine.bin, 'PYTHONPATH': machine.site, **machine.env}
     cmd = (f'set -euo pipefail; PLAN="$({sys.executable} {CUDA_ENV} detect '
            f'--default-cuda-home /nonexistent 2>/dev/null)"; eval "$PLAN"; '
            'echo "$MMCV_BUILD|$MMCV_KEY|$MMCV_ARCH_LIST"')
-    out = subprocess.run(['bash', '-c', cmd], env=env, capture_output=True, text=True)
+    out = subprocess.run([shutil.which('bash'), '-c', cmd], env=env, capture_output=True,
+                         text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == 'cuda|cu130-sm80_sm90|8.0;9.0'
 
