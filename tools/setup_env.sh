@@ -3,9 +3,13 @@
 #   bash tools/setup_env.sh
 # Idempotent: a second run on a ready machine only checks the imports (seconds).
 # The one slow step is building mmcv 2.1.0 with ops from the PyPI sdist (77 C++ files;
-# see the README for the measured time). The built wheel is cached in
-# ${PALE_MM_CACHE:-~/.cache/pale_mm}/wheels keyed by mmcv, torch and Python versions,
-# so it is built once per machine.
+# see the README for the measured time). On a machine with an NVIDIA GPU it also builds
+# mmcv's CUDA ops (58 .cu files) for the GPUs present, with the CUDA toolkit matching
+# torch's CUDA version; without a usable toolkit it stops and says what to install
+# (PALE_MM_MMCV_CPU_ONLY=1 builds without CUDA ops instead). See docs/setup.md.
+# The built wheel is cached in ${PALE_MM_CACHE:-~/.cache/pale_mm}/wheels keyed by mmcv,
+# torch and Python versions and cpu or the CUDA version and GPU architectures (e.g.
+# mmcv-2.1.0-torch2.14.1-cp311-cu130-sm90), so it is built once per machine.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,11 +23,14 @@ MMCV_VER=2.1.0
 say() { printf '[setup_env %(%H:%M:%S)T] %s\n' -1 "$*"; }
 
 # Everything the environment must satisfy; the stamp records it so reruns are cheap.
-STAMP_KEY="$(cat "$ROOT/tools/setup_env.sh" "$ROOT/setup.py" | sha256sum | cut -c1-16)"
+STAMP_KEY="$(cat "$ROOT/tools/setup_env.sh" "$ROOT/tools/cuda_env.py" "$ROOT/setup.py" | sha256sum | cut -c1-16)"
+# GPU detection and cache keys (tools/cuda_env.py, run by the venv's Python)
+CUDA_ENV=("$VENV/bin/python" "$ROOT/tools/cuda_env.py")
 STAMP="$VENV/.pale_mm_ready"
 
 check_imports() {
-  "$VENV/bin/python" - <<'PYEOF'
+  "$VENV/bin/python" - "$ROOT/tools" <<'PYEOF'
+import sys
 import warnings
 warnings.filterwarnings('ignore')
 import torch, torchvision, mmcv, mmengine, mmdet, mmseg, timm, numpy, onnx, onnxruntime
@@ -33,6 +40,10 @@ assert numpy.__version__.startswith('1.'), numpy.__version__
 print(f'torch {torch.__version__}, mmcv {mmcv.__version__}, mmengine {mmengine.__version__}, '
       f'mmdet {mmdet.__version__}, mmseg {mmseg.__version__}, timm {timm.__version__}, '
       f'numpy {numpy.__version__}, onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}')
+# where torch sees a GPU: mmcv's nms and roi_align on CUDA tensors (nothing without a GPU)
+sys.path.insert(0, sys.argv[1])
+import cuda_env  # tools/cuda_env.py
+sys.exit(cuda_env.check_ops())
 PYEOF
 }
 
@@ -67,38 +78,20 @@ quiet "${PIP[@]}" install -q -c "$CONSTRAINTS" "torch==$TORCH_VER" "torchvision=
 
 PYTAG="$("$VENV/bin/python" -c 'import sys; print(f"cp{sys.version_info.major}{sys.version_info.minor}")')"
 TORCH_INSTALLED="$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')"
-# The key names what decides the library: mmcv, torch and Python versions. The build
-# flags below change only the debug info and how fast the headers are read, not the
-# code, so a wheel built by an older version of this script is reused as it is.
-WHEEL_DIR="$CACHE/wheels/mmcv-$MMCV_VER-torch$TORCH_INSTALLED-$PYTAG"
+# CPU or CUDA build: sets MMCV_BUILD (cpu|cuda), MMCV_KEY (cpu, or e.g. cu130-sm90),
+# MMCV_CUDA_HOME, MMCV_ARCH_LIST, MMCV_CPATH and MMCV_MAX_JOBS, or stops (exit 3) with
+# what is missing when a GPU is here but its CUDA ops cannot be built.
+say "looking for NVIDIA GPUs and a CUDA toolkit"
+PLAN="$("${CUDA_ENV[@]}" detect)" || exit $?
+eval "$PLAN"
+# The key names what decides the library: mmcv, torch and Python versions, and cpu or
+# the CUDA version and GPU architectures. The build flags below change only the debug
+# info and how fast the headers are read, not the code, so a wheel built by an older
+# version of this script is reused as it is. Old keys had no cpu/CUDA suffix: their
+# wheels are looked into and reused only for a CPU build (tools/cuda_env.py pick-wheel).
+WHEEL_BASE="$CACHE/wheels/mmcv-$MMCV_VER-torch$TORCH_INSTALLED-$PYTAG"
+WHEEL_DIR="$WHEEL_BASE-$MMCV_KEY"
 mkdir -p "$WHEEL_DIR"
-
-# Progress of the mmcv build: one line per compiled file as ninja finishes it, with
-# the elapsed time and an estimate of the time left. Python (unbuffered) rather than
-# awk: Debian's mawk reads a pipe in blocks, so its lines came in bursts.
-PROGRESS_PY='
-import os, re, sys, time
-t0 = time.time()
-jobs = max(1, int(os.environ.get("MAX_JOBS", "2")))
-step = re.compile(r"^\s*\[(\d+)/(\d+)\]\s")
-bad = re.compile(r"error:|Error|FAILED")
-def mmss(s):
-    s = int(round(s))
-    return f"{s // 60}m{s % 60:02d}s"
-for line in sys.stdin:
-    m = step.match(line)
-    if m:
-        k, n = int(m.group(1)), int(m.group(2))
-        words = [w for w in line.split() if w.endswith((".cpp", ".cc", ".cu"))]
-        name = (words[-1] if words else line.split()[-1]).rsplit("/", 1)[-1]
-        el = time.time() - t0
-        # the jobs still running are on average half done
-        left = el * (n - k) / (k + (jobs - 1) / 2) if k < n else 0
-        tail = f"about {mmss(left)} left" if k < n else "linking"
-        print(f"  mmcv build [{k}/{n}] {name:<32} {mmss(el)} elapsed, {tail}", flush=True)
-    elif bad.search(line):
-        print(line, end="", flush=True)
-'
 
 # The compiler for mmcv's op files: c++ with torch's headers precompiled once. Every
 # op file includes "pytorch_cpp_helper.hpp" (torch/types.h: most of a file's compile
@@ -144,10 +137,12 @@ WEOF
   chmod +x "$1"
 }
 
-if "$VENV/bin/python" -c "import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version__ != '$MMCV_VER')" 2>/dev/null; then
-  say "mmcv $MMCV_VER with ops already installed"
+if "$VENV/bin/python" -c "import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version__ != '$MMCV_VER')" 2>/dev/null \
+   && [[ "$("${CUDA_ENV[@]}" kind installed)" == "$MMCV_BUILD" ]]; then
+  say "mmcv $MMCV_VER with ops already installed ($MMCV_BUILD build)"
 else
-  if ! ls "$WHEEL_DIR"/mmcv-*.whl >/dev/null 2>&1; then
+  WHEEL="$("${CUDA_ENV[@]}" pick-wheel --dir "$WHEEL_DIR" --old "$WHEEL_BASE" --kind "$MMCV_BUILD")"
+  if [[ -z "$WHEEL" ]]; then
     BUILD="$(mktemp -d)"
     say "building mmcv $MMCV_VER with ops from the PyPI sdist in $BUILD"
     quiet "${PIP[@]}" download -q --no-deps --no-binary :all: --no-build-isolation -d "$BUILD" "mmcv==$MMCV_VER"
@@ -166,27 +161,56 @@ PYEOF
     write_pch_cxx "$BUILD/g++-pch"
     LOG="$WHEEL_DIR/build.log"
     JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)}"
-    say "compiling $JOBS files at a time, without debug info (-g0) and with torch's headers precompiled (full log: $LOG); progress follows"
+    # mmcv's setup.py builds its CUDA ops when FORCE_CUDA=1 or torch sees a GPU, and
+    # takes nvcc from torch's CUDA_HOME: both are set here, so the build is the one
+    # detected above. A CPU build hides the GPUs (PALE_MM_MMCV_CPU_ONLY=1 on a GPU machine).
+    if [[ "$MMCV_BUILD" == cuda ]]; then
+      # an nvcc job takes over 1 GB: no more jobs than memory allows, unless MAX_JOBS says
+      if [[ -z "${MAX_JOBS:-}" && -n "$MMCV_MAX_JOBS" ]] && (( JOBS > MMCV_MAX_JOBS )); then
+        JOBS="$MMCV_MAX_JOBS"
+      fi
+      NCU="$(ls "$SRC"/mmcv/ops/csrc/pytorch/cuda/*.cu | wc -l)"
+      # CPATH: torch's CUDA library headers where the toolkit lacks them (an empty
+      # entry would mean the current directory)
+      INC="$(IFS=:; paths=($MMCV_CPATH ${CPATH:-}); echo "${paths[*]}")"
+      MODE_ENV=(FORCE_CUDA=1 CUDA_HOME="$MMCV_CUDA_HOME" TORCH_CUDA_ARCH_LIST="$MMCV_ARCH_LIST" CPATH="$INC")
+      say "compiling $JOBS files at a time: C++ files without debug info (-g0) and with torch's headers precompiled, $NCU CUDA files with nvcc for TORCH_CUDA_ARCH_LIST=$MMCV_ARCH_LIST (full log: $LOG); progress follows"
+    else
+      NCU=0
+      MODE_ENV=(FORCE_CUDA=0 CUDA_VISIBLE_DEVICES=)
+      say "compiling $JOBS files at a time, without debug info (-g0) and with torch's headers precompiled (full log: $LOG); progress follows"
+    fi
     # The flags are Python's (-DNDEBUG -g -fwrapv -O3 -Wall), mmcv's and torch's, as
     # before, plus -g0 from the wrapper: debug info for torch's templates took half of
     # each file's compile time. (Not through CFLAGS: setuptools >= 72 lets CFLAGS
-    # replace Python's flags, -O3 and -DNDEBUG included.)
-    ( cd "$SRC" && MMCV_WITH_OPS=1 MAX_JOBS="$JOBS" \
+    # replace Python's flags, -O3 and -DNDEBUG included.) nvcc gets torch's and mmcv's
+    # flags, which have no -g or -G (no debug info, host or device; checked below); its
+    # host compiler is nvcc's own (gcc), not the wrapper, so no precompiled header there.
+    ( cd "$SRC" && env "${MODE_ENV[@]}" MMCV_WITH_OPS=1 MAX_JOBS="$JOBS" \
         PALE_MM_REAL_CXX="${CXX:-c++}" CXX="$BUILD/g++-pch" \
         PALE_MM_PCH_HEADER="$SRC/mmcv/ops/csrc/common/pytorch_cpp_helper.hpp" \
         "${PIP[@]}" wheel -v --no-deps --no-build-isolation -w "$BUILD/dist" . ) 2>&1 \
-      | tee "$LOG" | MAX_JOBS="$JOBS" "$VENV/bin/python" -u -c "$PROGRESS_PY"
+      | tee "$LOG" | MAX_JOBS="$JOBS" PALE_MM_CUDA_FILES="$NCU" "$VENV/bin/python" -u "$ROOT/tools/build_progress.py"
     if ! ls "$BUILD"/dist/mmcv-*.whl >/dev/null 2>&1; then
       say "mmcv build FAILED; see $LOG"; exit 1
     fi
-    cp "$BUILD"/dist/mmcv-*.whl "$WHEEL_DIR/"
+    BUILT_WHEEL="$(ls "$BUILD"/dist/mmcv-*.whl)"
+    BUILT="$("${CUDA_ENV[@]}" kind "$BUILT_WHEEL")"
+    if [[ "$BUILT" != "$MMCV_BUILD" ]]; then
+      say "mmcv build FAILED: a $MMCV_BUILD build made a wheel whose ops are '$BUILT' (tools/cuda_env.py kind); not cached, not installed (log: $LOG)"; exit 1
+    fi
+    if [[ "$MMCV_BUILD" == cuda ]] && ! "${CUDA_ENV[@]}" nvcc-flags "$LOG"; then
+      say "mmcv build FAILED: nvcc compiled with debug info; not cached, not installed (log: $LOG)"; exit 1
+    fi
+    cp "$BUILT_WHEEL" "$WHEEL_DIR/"
+    WHEEL="$WHEEL_DIR/$(basename "$BUILT_WHEEL")"
     rm -rf "$BUILD"
     BUILD=""
     say "mmcv wheel cached in $WHEEL_DIR"
   else
-    say "using cached mmcv wheel from $WHEEL_DIR"
+    say "using cached mmcv wheel $WHEEL"
   fi
-  quiet "${PIP[@]}" install -q --no-deps "$WHEEL_DIR"/mmcv-*.whl
+  quiet "${PIP[@]}" install -q --no-deps --force-reinstall "$WHEEL"
 fi
 
 say "installing mmengine, mmdet, mmsegmentation, timm, onnx, onnxruntime and the rest"
