@@ -226,7 +226,7 @@ quiet "${PIP[@]}" install -q -c "$CONSTRAINTS" --no-build-isolation -e "$ROOT"
 say "checking imports"
 check_imports
 # Compile the fused CPU kernels now (about 40 s, cached under ~/.cache/torch_extensions)
-# rather than at the first forward pass; on CPUs without AVX-512 this reports that the
+# rather than at the first forward pass; on CPUs without AVX2 or AVX-512 this reports that the
 # reference ops are used. A kernel that cannot be built is a warning, not a failure.
 say "building pale_mm's fused CPU kernels"
 "$VENV/bin/python" - <<'PYEOF'
@@ -241,7 +241,7 @@ if c is None:
     print('fused CPU kernels: no kernel module found (nothing to build)')
 else:
     print('fused CPU kernels:', 'ready' if c.cpu_attention_available()
-          else 'not used here (no AVX-512, or switched off): the reference ops run')
+          else 'not used here (no AVX2 or AVX-512, or switched off): the reference ops run')
 PYEOF
 echo "$STAMP_KEY" > "$STAMP"
 say "done: activate with 'source $VENV/bin/activate'"

@@ -15,7 +15,7 @@ GFLOP/s as a fraction of this machine's fp32 GEMM rate (the best 2048^3 GEMM, BL
 or oneDNN, measured at the start and at the end of the run). On the CPU, inference
 rows also time our model with its oneDNN linear turned off (``F.linear``, as Swin
 uses), and Pale rows (inference and training) with its fused CPU kernels turned off
-(``F.scaled_dot_product_attention``, ``F.conv2d``: what a CPU without AVX-512 runs).
+(``F.scaled_dot_product_attention``, ``F.conv2d``: what a CPU without AVX2 runs).
 Every row also times the reference model, all fast paths off (``PALE_MM_FAST_PATHS=0``).
 All variants run interleaved with the others, to show what each adds. An
 attention-level sweep times PS-Attention (its fast path), Swin window attention and global
@@ -254,7 +254,7 @@ def bench_backbones(args, device, gemm, bar):
                                                                    set_fast_cpu_linear)
                     if spec.startswith('pale:') and cpu_attention_available():
                         # ... and with the fused CPU kernels off (SDPA, F.conv2d), as on a
-                        # CPU without AVX-512
+                        # CPU without AVX2
                         steps['ours_no_kernels'] = _switched_off(
                             steps['ours'], set_cpu_attention, set_fused_dwconv)
                 mem = {k: measure_peak(n, (h, w), mode, device, args.amp, batch=args.batch,
