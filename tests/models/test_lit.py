@@ -203,6 +203,19 @@ def test_bad_inputs(bad, exc, match):
     (dict(in_channels=0), ValueError, 'in_channels'),
     (dict(pretrain_img_size=0), ValueError, 'pretrain_img_size'),
     (dict(pretrained=123), TypeError, 'pretrained must be a str'),
+    # arch entries that would be taken silently (bool('no') is True) or fail deep
+    (dict(arch=dict(TINY, has_msa=[False, False, True, 'no'])), TypeError,
+     r"LIT: arch has_msa\[3\] must be True or False, got 'no'"),
+    (dict(arch=dict(TINY_TI, pos_embed=1)), TypeError,
+     'LIT: arch pos_embed must be True or False, got 1'),
+    (dict(arch=dict(TINY, norm_eps=0)), ValueError,
+     'LIT: arch norm_eps must be a finite number > 0, got 0'),
+    (dict(arch=dict(TINY, depths=[1, 0, 1, 1])), ValueError,
+     r'LIT arch depths \[1, 0, 1, 1\]: stage 1 has 0; each entry must be an int >= 1'),
+    (dict(arch=dict(TINY, embed_dims=16.0)), ValueError,
+     r'LIT arch embed_dims \[16\.0, 16\.0, 16\.0, 16\.0\]: stage 0 has 16\.0'),
+    (dict(arch=dict(TINY, num_heads=[1, 1, 2, 2.0])), ValueError,
+     r'LIT arch num_heads .*: stage 3 has 2\.0'),
 ])
 def test_bad_construction(kwargs, exc, match):
     kwargs.setdefault('arch', TINY)
