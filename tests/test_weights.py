@@ -254,3 +254,73 @@ def test_config_url_is_read_with_weights_only(served, capsys):
         backbone.init_weights()
     assert 'code ran on load' not in capsys.readouterr().out
 
+
+# ------------------------------------- files passed by hand (ScalableViT, Pale)
+def _scalablevit_s_checkpoint(path):
+    """The official ScalableViT-S layout, in DeiT's training wrapper."""
+    from tests.models.test_scalablevit import official_shapes
+    shapes = official_shapes([64, 128, 256, 512], [2, 2, 20, 2], [2, 4, 8, 16],
+                             [1.25, 1.25, 1.25, 1])
+    g = torch.Generator().manual_seed(5)
+    state = {k: torch.randn(v, generator=g) * 0.1 for k, v in shapes.items()}
+    torch.save({'model': state, 'epoch': 299,
+                'args': argparse.Namespace(model='scalable_vit_small', input_size=224)}, path)
+    return state
+
+
+def _pale_tiny_checkpoint(path):
+    """A timm training checkpoint of pale_tiny (docs/pretraining.md)."""
+    state = timm.create_model('pale_tiny').state_dict()
+    torch.save({'state_dict': state, 'epoch': 0,
+                'args': argparse.Namespace(model='pale_tiny')}, path)
+    return state
+
+
+DOCUMENTED = {  # config -> (checkpoint maker, the config's last stage)
+    'scalablevit/mask-rcnn_scalablevit-s_fpn_1x_coco.py': (_scalablevit_s_checkpoint, 3),
+    'pale/mask-rcnn_pale-t_fpn_1x_coco.py': (_pale_tiny_checkpoint, 3),
+}
+
+
+@pytest.mark.parametrize('how', ['--cfg-options', 'own config'])
+@pytest.mark.parametrize('config', DOCUMENTED)
+def test_documented_ways_to_pass_a_checkpoint_file_to_a_config(config, how, tmp_path):
+    """The two ways configs/scalablevit/README.md, docs/weights.md and
+    docs/pretraining.md give: tools/train.py's --cfg-options (parsed by mmengine's
+    DictAction) and a config of one's own that inherits the shipped one."""
+    from mmengine.config import Config, DictAction
+
+    from pale_mm.utils import register_scope
+    register_scope('mmdet')
+    from mmdet.registry import MODELS
+    make, last = DOCUMENTED[config]
+    path = tmp_path / 'weights.pth'
+    state = make(path)
+    shipped = osp.join(ROOT, 'configs', config)
+    if how == '--cfg-options':
+        parser = argparse.ArgumentParser()
+        parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+        options = parser.parse_args(['--cfg-options', 'model.backbone.init_cfg.type=Pretrained',
+                                     f'model.backbone.init_cfg.checkpoint={path}'])
+        cfg = Config.fromfile(shipped)
+        cfg.merge_from_dict(options.cfg_options)
+    else:
+        own = tmp_path / 'my_config.py'
+        own.write_text(f'_base_ = {shipped!r}\nmodel = dict(backbone=dict(init_cfg=dict('
+                       f"type='Pretrained', checkpoint={str(path)!r})))\n")
+        cfg = Config.fromfile(str(own))
+    assert cfg.model.backbone.init_cfg == dict(type='Pretrained', checkpoint=str(path))
+    backbone = MODELS.build(cfg.model.backbone)
+    backbone.init_weights()
+    own_state = backbone.state_dict()
+    body = [k for k in state if not k.startswith(('head', 'norm.'))]
+    assert body and all(torch.equal(own_state[k], state[k]) for k in body)
+    assert torch.equal(own_state[f'norm{last}.weight'], state['norm.weight'])
+
+
+def test_scalablevit_file_through_timm(tmp_path):
+    state = _scalablevit_s_checkpoint(tmp_path / 'scalablevit_s.pth')
+    model = timm.create_model('scalablevit_s', pretrained=True, pretrained_cfg_overlay=dict(
+        file=str(tmp_path / 'scalablevit_s.pth')))
+    own = model.state_dict()
+    assert set(own) == set(state) and all(torch.equal(own[k], state[k]) for k in own)
