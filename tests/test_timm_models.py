@@ -6,7 +6,7 @@ import torch
 import torch.fx
 
 import pale_mm  # noqa: F401
-from pale_mm.models import PaleTransformer
+from pale_mm.models import LITClassifier, PaleClassifier, PaleTransformer, ScalableViTClassifier
 
 
 @pytest.mark.parametrize('name,dims', [('pale_tiny', 512), ('pale_small', 768),
@@ -209,3 +209,76 @@ def test_fx_trace_matches_eager(name):
         x = torch.randn(1, 3, *size)
         with torch.no_grad():
             torch.testing.assert_close(graph(x), model(x))
+
+
+# ------------------------------------------- bad inputs to the timm classifiers
+# (the backbones' checks, tests/models/test_pyramid.py, run in the classifiers too;
+# these are the classifiers' own entry points and arguments)
+CLASSIFIERS = ['pale_tiny', 'lit_ti', 'lit_s', 'scalablevit_s']
+
+
+@pytest.mark.parametrize('name', CLASSIFIERS)
+def test_classifier_non_floating_image_is_a_type_error(name):
+    model = timm.create_model(name, device='meta')  # the check comes before any compute
+    image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    match = r'floating-point image.*dtype torch\.uint8.*x\.float\(\) - mean\) / std'
+    for run in (model, model.forward_features, model.forward_intermediates,
+                timm.create_model(name, features_only=True, device='meta')):
+        with pytest.raises(TypeError, match=match):
+            run(image)
+
+
+@pytest.mark.parametrize('kwargs,exc,match', [
+    (dict(drop_rate=1.0), ValueError, r'drop_rate must be in \[0, 1\), got 1\.0'),
+    (dict(drop_rate=-0.5), ValueError, r'drop_rate must be in \[0, 1\), got -0\.5'),
+    (dict(drop_path_rate=2), ValueError, r'drop_path_rate must be in \[0, 1\), got 2'),
+    (dict(drop_path_rate=-0.1), ValueError, r'drop_path_rate must be in \[0, 1\), got -0\.1'),
+    (dict(attn_drop_rate=1), ValueError, r'attn_drop_rate must be in \[0, 1\), got 1'),
+    (dict(qkv_bias='no'), TypeError, "qkv_bias must be True or False, got 'no'"),
+    (dict(in_chans=0), ValueError, 'in_chans must be an int >= 1, got 0'),
+    (dict(num_classes=-1), ValueError, r'num_classes must be an int >= 0 \(0: no head\), '
+                                       r'got -1'),
+    (dict(init_cfg=dict(type='Pretrained', checkpoint='x.pth')), TypeError,
+     r"got an unexpected keyword argument 'init_cfg' \(load weights with "
+     r"timm\.create_model"),
+])
+@pytest.mark.parametrize('name', CLASSIFIERS)
+def test_classifier_bad_arguments_named_at_construction(name, kwargs, exc, match):
+    with pytest.raises(exc, match=f'Classifier:? {match}'):
+        timm.create_model(name, device='meta', **kwargs)
+
+
+def test_pale_classifier_mlp_ratio():
+    with pytest.raises(ValueError, match='PaleClassifier: mlp_ratio must be a finite number '
+                                         '> 0, got 0'):
+        timm.create_model('pale_tiny', device='meta', mlp_ratio=0)
+
+
+@pytest.mark.parametrize('cls', [PaleClassifier, LITClassifier, ScalableViTClassifier])
+def test_classifier_refuses_the_backbones_pretrained_string(cls):
+    """timm never calls init_weights: a backbone-style pretrained='x.pth' would be kept
+    and never loaded."""
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'pretrained' "
+                                        r"\(load weights with timm"):
+        cls(pretrained='x.pth', device='meta')
+
+
+@pytest.mark.parametrize('num_classes', [-1, 2.5, True])
+@pytest.mark.parametrize('name', CLASSIFIERS)
+def test_reset_classifier_checks_num_classes(name, num_classes):
+    """reset_classifier(-1) used to build no head (an Identity), silently."""
+    model = timm.create_model(name, device='meta')
+    with pytest.raises(ValueError, match=f'num_classes must be an int >= 0 .*got '
+                                         f'{num_classes!r}'):
+        model.reset_classifier(num_classes)
+    assert model.num_classes == 1000
+
+
+@pytest.mark.parametrize('kwargs,exc,match', [
+    (dict(head_hidden=0), ValueError, 'head_hidden must be an int >= 1, got 0'),
+    (dict(head_hidden=512.0), ValueError, 'head_hidden must be an int >= 1, got 512.0'),
+    (dict(plain_head='yes'), TypeError, "plain_head must be True or False, got 'yes'"),
+])
+def test_scalablevit_head_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=f'ScalableViTClassifier: {match}'):
+        timm.create_model('scalablevit_s', device='meta', **kwargs)

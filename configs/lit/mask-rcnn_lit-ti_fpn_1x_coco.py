@@ -2,12 +2,14 @@
 # (1333, 800), batch 16 (8 GPUs x 2), following the official LIT detection configs
 # (mmdet 2.x): warm-up 500 iterations, steps at epochs 8 and 11, drop path 0.1
 # (official for Ti/S; ours for M/B).
-# Official ImageNet weights (github.com/ziplab/LIT releases, lit_ti.pth) load as is:
-#   model.backbone.init_cfg=dict(type='Pretrained', checkpoint='lit_ti.pth')
+# Backbone weights: the official ImageNet-1K LIT-Ti checkpoint, a release asset of
+# github.com/ziplab/LIT, downloaded on first use into torch.hub's cache (the file
+# timm.create_model('lit_ti', pretrained=True) uses); docs/weights.md.
 # Built on the shared Mask R-CNN base (../_base_/: model, data, 1x schedule and batch
 # of the Swin protocol; not Pale's config, so Pale's recipe cannot change this one);
 # the warm-up and the optimizer settings below are LIT's own.
 _base_ = '../_base_/mask-rcnn_fpn_adamw-1x_coco.py'
+pretrained = 'https://github.com/ziplab/LIT/releases/download/v1.0/lit_ti.pth'
 model = dict(
     backbone=dict(
         _delete_=True,
@@ -17,7 +19,7 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         frozen_stages=-1,
         with_cp=False,
-        init_cfg=None),
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     neck=dict(in_channels=[64, 128, 320, 512]))
 
 param_scheduler = [

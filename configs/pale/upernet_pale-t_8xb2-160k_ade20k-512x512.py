@@ -21,7 +21,6 @@ model = dict(
         drop_path_rate=0.3,
         out_indices=(0, 1, 2, 3),
         frozen_stages=-1,
-        with_cp=False,
-        init_cfg=None),
+        with_cp=False),
     decode_head=dict(in_channels=[64, 128, 256, 512], num_classes=150),
     auxiliary_head=dict(in_channels=256, in_index=2, num_classes=150))

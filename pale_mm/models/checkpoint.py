@@ -1,6 +1,7 @@
 """Reading checkpoints and loading them into the backbones (``init_cfg``).
 
-``torch.load`` runs with ``weights_only=True`` (the default of torch >= 2.6); only
+``torch.load`` runs with ``weights_only=True`` (the default of torch >= 2.6; for
+``http(s)://`` URLs too, which mmengine would read with ``weights_only=False``); only
 plain-data types are allow-listed: numpy values and mmengine's ``HistoryBuffer``
 (``pale_mm.compat``, for Runner checkpoints) and ``argparse.Namespace``
 (ScalableViT and DeiT-style checkpoints keep their training ``args`` in one).
@@ -16,6 +17,7 @@ raise an error naming the key and both shapes.
 import argparse
 import os
 import pickle
+import urllib.error
 from typing import Optional
 
 import torch
@@ -66,10 +68,44 @@ def unwrap_state_dict(checkpoint, prefix: Optional[str] = None) -> dict:
     return state
 
 
+def weights_only_refusal(error: Exception) -> str:
+    """What ``torch.load(weights_only=True)`` refused, from its ``UnpicklingError``
+    (its line ``Unsupported global: GLOBAL module.Name ...``, up to the name); ``''``
+    when the error is not a ``weights_only`` refusal."""
+    text = str(error)
+    if 'weights_only' not in text and 'Weights only' not in text:
+        return ''
+    for line in text.splitlines():
+        if 'Unsupported global' in line:
+            return line.strip().split(' was not ')[0].replace('WeightsUnpickler error: ', '')
+    return text.splitlines()[0]
+
+
+def load_from_url(url: str, map_location='cpu'):
+    """An ``http(s)://`` checkpoint through torch.hub's cache (``<hub dir>/checkpoints``,
+    where timm keeps its downloads too), read with ``weights_only=True``: mmengine's
+    own URL loader reads downloads with ``weights_only=False``. As mmengine's, rank 0
+    downloads first while the other ranks wait, then they read the cached file."""
+    from mmengine.dist import barrier, get_dist_info
+    from torch.hub import load_state_dict_from_url
+    rank, world_size = get_dist_info()
+    checkpoint = None
+    if rank == 0:
+        checkpoint = load_state_dict_from_url(url, map_location=map_location,
+                                              weights_only=True)
+    if world_size > 1:
+        barrier()
+        if rank > 0:
+            checkpoint = load_state_dict_from_url(url, map_location=map_location,
+                                                  weights_only=True)
+    return checkpoint
+
+
 def load_state_dict_from_checkpoint(filename: str, map_location='cpu',
                                     prefix: Optional[str] = None) -> dict:
-    """Read ``filename`` (a path or URL, through mmengine's loaders) safely and
-    return the unwrapped state dict. Unreadable files raise a clear error."""
+    """Read ``filename`` (a path, an ``http(s)://`` URL: :func:`load_from_url`, or
+    another of mmengine's schemes) safely and return the unwrapped state dict.
+    Unreadable files raise a clear error."""
     from mmengine.runner.checkpoint import _load_checkpoint
 
     from pale_mm.compat import allow_numpy_in_checkpoints
@@ -82,19 +118,27 @@ def load_state_dict_from_checkpoint(filename: str, map_location='cpu',
     if not is_url and not os.path.isfile(filename):
         raise FileNotFoundError(f'checkpoint file not found: {filename}')
     try:
-        checkpoint = _load_checkpoint(filename, map_location=map_location)
+        if filename.startswith(('http://', 'https://')):
+            checkpoint = load_from_url(filename, map_location)
+        else:
+            checkpoint = _load_checkpoint(filename, map_location=map_location)
     except pickle.UnpicklingError as e:
-        msg = str(e).splitlines()[0]
-        if 'weights_only' in str(e) or 'Weights only' in str(e):
+        msg = weights_only_refusal(e)
+        if msg:
             raise CheckpointError(
                 f'checkpoint {filename} holds Python objects that are not allowed under '
                 f'torch.load(weights_only=True) ({msg}). pale_mm allows plain data only '
                 f'(tensors, numpy values, argparse.Namespace); re-save the state dict, or '
                 f'load it yourself with weights_only=False if you trust its source.') from None
         raise CheckpointError(f'cannot read checkpoint {filename}: not a PyTorch checkpoint '
-                              f'({msg})') from None
+                              f'({str(e).splitlines()[0]})') from None
     except FileNotFoundError:
         raise
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        reason = f'HTTP {e.code} {e.reason}' if isinstance(e, urllib.error.HTTPError) else \
+            getattr(e, 'reason', None) or e
+        raise CheckpointError(f'cannot download checkpoint {filename} ({reason}); download '
+                              f'it yourself and set checkpoint to the local file') from None
     except Exception as e:  # torch raises many types for a bad file (even IndexError)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f'cannot read checkpoint {filename}: the file is truncated, '

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Set, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .arch import check_positive_int, check_rate
 from .layers import check_image
 
 __all__ = ['ClassifierMixin']
@@ -51,15 +52,28 @@ class ClassifierMixin:
                  drop_path_rate: Optional[float] = None, device=None, dtype=None, **kwargs):
         """Args: ``arch`` (default ``default_arch``), ``num_classes`` (0: no head,
         ``forward`` returns pooled features), ``in_chans``, ``global_pool`` (``'avg'``
-        or ``''``; default ``'avg'``), ``drop_rate`` (before the head and in the body),
-        ``drop_path_rate`` (default ``default_drop_path_rate``), ``device`` /
-        ``dtype`` (where and in which dtype to build, as timm's factory passes them),
-        the head arguments named in ``head_defaults``; other keyword arguments go to
-        the backbone (``drop_rate`` is the head's dropout only, as in timm)."""
-        for key in ('in_channels', 'out_indices'):
+        or ``''``; default ``'avg'``), ``drop_rate`` (the dropout before the head only,
+        as in timm's Swin), ``drop_path_rate`` (default ``default_drop_path_rate``),
+        ``device`` / ``dtype`` (where and in which dtype to build, as timm's factory
+        passes them), the head arguments named in ``head_defaults``; other keyword
+        arguments go to the backbone (``qkv_bias``, ``attn_drop_rate``, ...). Weights
+        come through timm (``pretrained=True``, ``pretrained_cfg_overlay``), so the
+        backbone's ``init_cfg`` / ``pretrained`` are refused, as are ``in_channels`` and
+        ``out_indices``."""
+        name = type(self).__name__
+        for key, use in (('in_channels', 'use in_chans'),
+                         ('out_indices', 'a classifier has no out_indices; use '
+                                         'features_only=True, out_indices=...'),
+                         ('init_cfg', "load weights with timm.create_model(name, "
+                                      "pretrained=True, pretrained_cfg_overlay=dict("
+                                      "file='PATH'))"),
+                         ('pretrained', "load weights with timm.create_model(name, "
+                                        "pretrained=True, pretrained_cfg_overlay=dict("
+                                        "file='PATH'))")):
             if key in kwargs:
-                raise TypeError(f'{type(self).__name__} got an unexpected keyword argument '
-                                f'{key!r} (use in_chans; a classifier has no out_indices)')
+                raise TypeError(f'{name} got an unexpected keyword argument {key!r} ({use})')
+        check_positive_int(in_chans, 'in_chans', name)
+        check_rate(drop_rate, 'drop_rate', name)
         if drop_path_rate is None:
             drop_path_rate = self.default_drop_path_rate
         self.head_cfg = {k: kwargs.pop(k, v) for k, v in self.head_defaults.items()}
@@ -92,10 +106,14 @@ class ClassifierMixin:
             return nn.Linear(self.num_features, num_classes, **_device_dtype(self))
         return nn.Identity()
 
+    def _check_num_classes(self, num_classes: int):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f'{type(self).__name__}: num_classes must be an int >= 0 '
+                             f'(0: no head), got {num_classes!r}')
+
     def _build_head(self, num_classes: int, global_pool: Optional[str] = None,
                     drop_rate: float = 0.):
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f'num_classes must be an int >= 0, got {num_classes!r}')
+        self._check_num_classes(num_classes)
         global_pool = self._default_pool() if global_pool is None else global_pool
         self._check_pool(global_pool)
         self.num_classes = num_classes
@@ -121,6 +139,7 @@ class ClassifierMixin:
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         """New ``num_classes`` head (0: none) on the model's device and dtype, in the
         model's train/eval mode; ``global_pool=None`` keeps the pooling."""
+        self._check_num_classes(num_classes)
         if global_pool is not None:
             self._check_pool(global_pool)
             self.global_pool = global_pool

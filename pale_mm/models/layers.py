@@ -124,12 +124,20 @@ class ConvPatchEmbed(nn.Module):
 
 
 def check_image(x, in_channels: int, owner: str):
-    """Raise a clear error unless ``x`` is a ``(B, in_channels, H, W)`` tensor
-    (nothing to check on a ``torch.fx`` proxy while the model is traced)."""
+    """Raise a clear error unless ``x`` is a floating-point ``(B, in_channels, H, W)``
+    tensor (nothing to check on a ``torch.fx`` proxy while the model is traced).
+    An image straight from a decoder (uint8) is a ``TypeError`` that says how to
+    normalise it."""
     if fx_tracing():
         return
     if not isinstance(x, torch.Tensor):
         raise TypeError(f'{owner} expects a torch.Tensor, got {type(x).__name__}')
+    if not x.is_floating_point():
+        raise TypeError(
+            f'{owner} expects a floating-point image tensor, got dtype {x.dtype}. '
+            f'Convert and normalise it first, e.g. x = (x.float() - mean) / std with '
+            f'the ImageNet mean and std (mmdet/mmseg data preprocessors and timm '
+            f'transforms do this)')
     if x.dim() != 4:
         raise ValueError(f'{owner} expects a 4-D (B, C, H, W) image tensor, got a '
                          f'{x.dim()}-D tensor of shape {tuple(x.shape)}')

@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model.weight_init import trunc_normal_
 
-from .arch import SIZE_ALIASES, drop_path_rates, parse_arch
+from .arch import check_flag, check_mlp_ratios, check_ratio, drop_path_rates, parse_arch
 from .classifier import ClassifierMixin
 from .layers import ConvPatchEmbed, DropPath, Mlp, check_image
 from .pyramid import PyramidBackbone, pad_to_multiple
@@ -288,15 +288,16 @@ class LIT(PyramidBackbone):
     Args:
         arch (str | dict): 'ti', 's', 'm' or 'b', or a dict with ``embed_dims`` (int,
             doubled per stage, or a list), ``depths``, ``num_heads`` and optionally
-            ``mlp_ratios`` (default 4), ``has_msa`` (per stage, default: the last two
-            stages), ``pos_embed`` (PVT layout with absolute position embeddings,
-            default False) and ``norm_eps``.
+            ``mlp_ratios`` (> 0, default 4), ``has_msa`` (bools per stage, default: the
+            last two stages), ``pos_embed`` (bool: PVT layout with absolute position
+            embeddings, default False) and ``norm_eps`` (> 0).
         in_channels (int): image channels. Default 3.
         pretrain_img_size (int): image size the position embeddings / relative
             position tables are sized for (and interpolated from). Default 224.
         qkv_bias (bool): bias in the QKV projection. Default True.
-        drop_rate, attn_drop_rate (float): dropout rates. Default 0.
-        drop_path_rate (float): stochastic depth over all blocks. Default 0.1.
+        drop_rate, attn_drop_rate (float): dropout rates, in ``[0, 1)``. Default 0.
+        drop_path_rate (float): stochastic depth over all blocks, in ``[0, 1)``.
+            Default 0.1.
         out_indices, frozen_stages, norm_eval, with_cp, pretrained, init_cfg: as for
             ``PaleTransformer``. ``frozen_stages=k`` freezes the stem and stages
             ``0..k-1`` with the merges (and position embeddings) in front of them.
@@ -322,7 +323,9 @@ class LIT(PyramidBackbone):
         self.mlp_ratios: List[float] = arch['mlp_ratios']
         self.has_msa: List[bool] = arch['has_msa']
         super().__init__(in_channels, len(self.depths), out_indices, frozen_stages, norm_eval,
-                         with_cp, pretrained, init_cfg)
+                         with_cp, pretrained, init_cfg, drop_rate=drop_rate,
+                         attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
+                         qkv_bias=qkv_bias)
         self.abs_pos_embed: bool = arch['pos_embed']
         self.norm_eps: float = arch['norm_eps']
         if isinstance(pretrain_img_size, bool) or not isinstance(pretrain_img_size, int) or \
@@ -389,12 +392,15 @@ class LIT(PyramidBackbone):
             owner=cls.__name__, scalar_keys=('pos_embed', 'norm_eps'),
             defaults=dict(mlp_ratios=4., has_msa=lambda n: [i >= n - 2 for i in range(n)],
                           pos_embed=False, norm_eps=1e-5))
+        owner = cls.__name__
         for i, (d, h) in enumerate(zip(arch['embed_dims'], arch['num_heads'])):
-            if arch['has_msa'][i] and (h < 1 or d % h):
+            if arch['has_msa'][i] and d % h:
                 raise ValueError(f'stage {i}: embed dims {d} not divisible by num_heads {h}')
-        arch['has_msa'] = [bool(m) for m in arch['has_msa']]
-        arch['pos_embed'] = bool(arch['pos_embed'])
-        arch['norm_eps'] = float(arch['norm_eps'])
+        check_mlp_ratios(arch['embed_dims'], arch['mlp_ratios'], 'arch mlp_ratios', owner)
+        for i, m in enumerate(arch['has_msa']):
+            check_flag(m, f'arch has_msa[{i}]', owner)
+        check_flag(arch['pos_embed'], 'arch pos_embed', owner)
+        arch['norm_eps'] = check_ratio(arch['norm_eps'], 'arch norm_eps', owner)
         return arch
 
     # ----------------------------------------------------------------- forward

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from ..ops import fast_path
-from .arch import SIZE_ALIASES, drop_path_rates, parse_arch
+from .arch import (SIZE_ALIASES, check_mlp_ratios, check_ratio, drop_path_rates,
+                   parse_arch)
 from .classifier import ClassifierMixin
 from .layers import ConvPatchEmbed, DropPath, Mlp, check_heads, check_pale_size
 from .pale_attention import PSAttention
@@ -62,11 +63,11 @@ class PaleTransformer(PyramidBackbone):
         pale_size (int | Sequence): pale size ``sr = sc``, one for all stages or one
             per stage (each an int or an ``(sr, sc)`` pair). Default 7.
         in_channels (int): image channels. Default 3.
-        mlp_ratio (float): MLP hidden ratio. Default 4.
+        mlp_ratio (float): MLP hidden ratio, > 0. Default 4.
         qkv_bias (bool): bias in the Q/K/V pointwise projections. Default True.
-        drop_rate, attn_drop_rate (float): dropout rates. Default 0.
+        drop_rate, attn_drop_rate (float): dropout rates, in ``[0, 1)``. Default 0.
         drop_path_rate (float): stochastic depth, linearly increasing over all
-            blocks. Default 0.1.
+            blocks to this rate, in ``[0, 1)``. Default 0.1.
         out_indices (Sequence[int]): stages whose normed output is returned.
         frozen_stages (int): -1 freezes nothing; 0 freezes the stem; ``k >= 1``
             also freezes stages ``0..k-1`` with their patch merges and output norms.
@@ -95,7 +96,11 @@ class PaleTransformer(PyramidBackbone):
         self.depths: List[int] = arch['depths']
         self.num_heads: List[int] = arch['num_heads']
         super().__init__(in_channels, len(self.depths), out_indices, frozen_stages, norm_eval,
-                         with_cp, pretrained, init_cfg)
+                         with_cp, pretrained, init_cfg, drop_rate=drop_rate,
+                         attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
+                         qkv_bias=qkv_bias)
+        check_ratio(mlp_ratio, 'mlp_ratio', type(self).__name__)  # one for all stages
+        check_mlp_ratios(self.embed_dims, mlp_ratio, 'mlp_ratio', type(self).__name__)
         self.pale_sizes = self._parse_pale_size(pale_size, self.num_stages)
 
         dpr = drop_path_rates(drop_path_rate, self.depths)

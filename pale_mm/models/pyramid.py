@@ -1,8 +1,11 @@
 """Shared plumbing of the LIT and ScalableViT backbones, and checkpoint loading.
 
 ``PyramidBackbone`` holds what the dense-prediction backbones share with
-``PaleTransformer``'s interface: the ``pretrained`` -> ``init_cfg`` shim,
-``out_indices`` / ``frozen_stages`` validation, per-stage output norms ``norm{i}``,
+``PaleTransformer``'s interface: the ``pretrained`` -> ``init_cfg`` shim, the checks
+of the constructor arguments every family takes (``in_channels``, ``out_indices``,
+``frozen_stages``, ``norm_eval``, ``with_cp``, ``init_cfg``, the dropout and drop path
+rates, ``qkv_bias``; each error names the argument and the value), per-stage output
+norms ``norm{i}``,
 ``train()`` with frozen stages and ``norm_eval``, ``forward`` returning NCHW maps,
 and ``init_weights`` that loads official checkpoints through ``init_cfg``.
 
@@ -12,6 +15,7 @@ A subclass builds its modules, then calls ``self._finish_init()``; it provides
 
 Checkpoint reading and loading live in ``checkpoint.py``.
 """
+import numbers
 import warnings
 from typing import Iterator, List, Sequence
 
@@ -23,6 +27,7 @@ from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .arch import check_flag, check_positive_int, check_rate
 from .checkpoint import (allow_namespace_in_checkpoints, load_pretrained,
                          load_state_dict_from_checkpoint)
 from .layers import check_image, checkpoint_block
@@ -43,12 +48,56 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return x
 
 
+def _check_out_indices(out_indices, num_stages: int, owner: str) -> tuple:
+    """``out_indices`` (an int or a sequence of ints, negative ones counted from the
+    end) as a tuple of stage indices, increasing and without repeats: the outputs
+    come in stage order, so any other order would not be the one asked for."""
+    given = out_indices
+
+    def is_int(i):
+        return isinstance(i, numbers.Integral) and not isinstance(i, bool)
+    if is_int(out_indices):
+        out_indices = [out_indices]
+    if isinstance(out_indices, str) or not isinstance(out_indices, Sequence) or \
+            not all(is_int(i) for i in out_indices):
+        raise ValueError(f'{owner}: out_indices must be an int or a sequence of ints, '
+                         f'got {given!r}')
+    out_indices = [int(i) + num_stages if i < 0 else int(i) for i in out_indices]
+    for i in out_indices:
+        if not 0 <= i < num_stages:
+            raise ValueError(f'out_indices {tuple(out_indices)} out of range for '
+                             f'{num_stages} stages')
+    if any(a >= b for a, b in zip(out_indices, out_indices[1:])):
+        raise ValueError(f'{owner}: out_indices must be increasing, without repeats (the '
+                         f'outputs come in stage order), got {given!r}')
+    return tuple(out_indices)
+
+
+# the keys of a Pretrained init_cfg (what load_pretrained reads)
+_PRETRAINED_KEYS = ('type', 'checkpoint', 'prefix', 'map_location')
+
+
+def _check_init_cfg(init_cfg, owner: str):
+    """A ``dict(type='Pretrained', ...)`` init_cfg names a checkpoint (a path or URL
+    string) and no key ``load_pretrained`` would ignore (a misspelt ``prefix``
+    would otherwise load the wrong tensors, or none, at ``init_weights``)."""
+    if not isinstance(init_cfg, dict) or init_cfg.get('type') != 'Pretrained':
+        return
+    unknown = sorted(set(init_cfg) - set(_PRETRAINED_KEYS))
+    if unknown:
+        raise ValueError(f'{owner}: init_cfg {init_cfg!r} has unknown keys {unknown}; a '
+                         f'Pretrained init_cfg takes {list(_PRETRAINED_KEYS)}')
+    if not isinstance(init_cfg.get('checkpoint'), str) or not init_cfg['checkpoint']:
+        raise ValueError(f"{owner}: init_cfg {init_cfg!r} needs checkpoint='path or URL'")
+
+
 class PyramidBackbone(BaseModule):
     """Base of the LIT / ScalableViT dense-prediction backbones (see module doc)."""
 
     def __init__(self, in_channels: int, num_stages: int, out_indices: Sequence[int],
                  frozen_stages: int, norm_eval: bool, with_cp: bool, pretrained=None,
-                 init_cfg=None):
+                 init_cfg=None, *, drop_rate: float = 0., attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0., qkv_bias: bool = True):
         name = type(self).__name__
         if pretrained is not None:
             if not isinstance(pretrained, str):
@@ -60,26 +109,22 @@ class PyramidBackbone(BaseModule):
                           f'init_cfg=dict(type="Pretrained", checkpoint=...) instead',
                           DeprecationWarning)
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
+        _check_init_cfg(init_cfg, name)
         super().__init__(init_cfg=init_cfg)
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f'in_channels must be a positive int, got {in_channels!r}')
-        self.in_channels = in_channels
+        self.in_channels = check_positive_int(in_channels, 'in_channels', name)
         self.num_stages = num_stages
-        if isinstance(out_indices, int):
-            out_indices = [out_indices]
-        out_indices = [i + num_stages if i < 0 else i for i in out_indices]
-        for i in out_indices:
-            if not 0 <= i < num_stages:
-                raise ValueError(f'out_indices {tuple(out_indices)} out of range for '
-                                 f'{num_stages} stages')
-        self.out_indices = tuple(out_indices)
+        self.out_indices = _check_out_indices(out_indices, num_stages, name)
         if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) or \
                 not -1 <= frozen_stages <= num_stages:
             raise ValueError(f'frozen_stages must be an int in [-1, {num_stages}], '
                              f'got {frozen_stages!r}')
         self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
-        self.with_cp = with_cp
+        self.norm_eval = check_flag(norm_eval, 'norm_eval', name)
+        self.with_cp = check_flag(with_cp, 'with_cp', name)
+        check_flag(qkv_bias, 'qkv_bias', name)
+        for key, rate in (('drop_rate', drop_rate), ('attn_drop_rate', attn_drop_rate),
+                          ('drop_path_rate', drop_path_rate)):
+            check_rate(rate, key, name)
 
     # Stage-indexed ModuleLists, cut by ``_truncate_stages``.
     _stage_lists = ('patch_embeds', 'stages')

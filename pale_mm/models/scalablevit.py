@@ -29,7 +29,8 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .arch import drop_path_rates, parse_arch
+from .arch import (check_flag, check_mlp_ratios, check_positive_int, check_ratio,
+                   drop_path_rates, parse_arch)
 from .classifier import ClassifierMixin
 from .layers import ConvPatchEmbed, DropPath, Mlp
 from .pyramid import PyramidBackbone, pad_to_multiple
@@ -183,13 +184,14 @@ class ScalableViT(PyramidBackbone):
 
     Args:
         arch (str | dict): 's', 'b' or 'l', or a dict with ``embed_dims`` (int, doubled
-            per stage, or a list), ``depths``, ``num_heads``, ``c_ratios`` and optionally
-            ``sr_ratios`` (default 8, 4, 2, 1), ``window_sizes`` (default 7) and
-            ``mlp_ratios`` (default 4).
+            per stage, or a list), ``depths``, ``num_heads``, ``c_ratios`` (> 0) and
+            optionally ``sr_ratios`` (default 8, 4, 2, 1), ``window_sizes`` (default 7)
+            and ``mlp_ratios`` (> 0, default 4).
         in_channels (int): image channels. Default 3.
         qkv_bias (bool): bias in the q/k/v projections. Default True.
-        drop_rate, attn_drop_rate (float): dropout rates. Default 0.
-        drop_path_rate (float): stochastic depth over all blocks. Default 0.2.
+        drop_rate, attn_drop_rate (float): dropout rates, in ``[0, 1)``. Default 0.
+        drop_path_rate (float): stochastic depth over all blocks, in ``[0, 1)``.
+            Default 0.2.
         out_indices, frozen_stages, norm_eval, with_cp, pretrained, init_cfg: as for
             ``PaleTransformer``; ``frozen_stages=k`` freezes the stem and stages
             ``0..k-1`` with their patch embeddings and CPEs.
@@ -218,7 +220,9 @@ class ScalableViT(PyramidBackbone):
         self.window_sizes: List[int] = arch['window_sizes']
         self.mlp_ratios: List[float] = arch['mlp_ratios']
         super().__init__(in_channels, len(self.depths), out_indices, frozen_stages, norm_eval,
-                         with_cp, pretrained, init_cfg)
+                         with_cp, pretrained, init_cfg, drop_rate=drop_rate,
+                         attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
+                         qkv_bias=qkv_bias)
         dpr = drop_path_rates(drop_path_rate, self.depths)
         self.patch_embeds = nn.ModuleList()
         self.pos_block = nn.ModuleList()
@@ -253,19 +257,23 @@ class ScalableViT(PyramidBackbone):
             cls.arch_aliases, owner=cls.__name__,
             defaults=dict(sr_ratios=lambda n: [2 ** (n - 1 - i) for i in range(n)],
                           window_sizes=7, mlp_ratios=4.))
+        owner = cls.__name__
         dims, heads, c_ratios = arch['embed_dims'], arch['num_heads'], arch['c_ratios']
         sr, ws = arch['sr_ratios'], arch['window_sizes']
+        check_mlp_ratios(dims, arch['mlp_ratios'], 'arch mlp_ratios', owner)
         for i in range(len(dims)):
             d, h = dims[i], heads[i]
-            if h < 1 or d % h:
+            if d % h:
                 raise ValueError(f'stage {i}: embed dims {d} not divisible by num_heads {h}')
-            if sr[i] > 1 and int(d * c_ratios[i]) % h:
-                raise ValueError(f'stage {i}: scaled width int({d} * {c_ratios[i]}) = '
-                                 f'{int(d * c_ratios[i])} not divisible by num_heads {h}')
+            check_ratio(c_ratios[i], f'arch c_ratios[{i}]', owner)
             if isinstance(ws[i], bool) or not isinstance(ws[i], int) or ws[i] < 2:
                 raise ValueError(f'stage {i}: window size must be an int >= 2, got {ws[i]!r}')
             if isinstance(sr[i], bool) or not isinstance(sr[i], int) or sr[i] < 1:
                 raise ValueError(f'stage {i}: sr_ratio must be an int >= 1, got {sr[i]!r}')
+            c_new = int(d * c_ratios[i])
+            if sr[i] > 1 and (c_new < h or c_new % h):
+                raise ValueError(f'stage {i}: scaled width int({d} * {c_ratios[i]}) = '
+                                 f'{c_new} is not a positive multiple of num_heads {h}')
         return arch
 
     def _forward_stages(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -303,6 +311,9 @@ class ScalableViTClassifier(ClassifierMixin, ScalableViT):
     head_defaults = dict(plain_head=False, head_hidden=4096)
 
     def _make_head(self, num_classes: int) -> nn.Module:
+        owner = type(self).__name__
+        check_flag(self.head_cfg['plain_head'], 'plain_head', owner)
+        check_positive_int(self.head_cfg['head_hidden'], 'head_hidden', owner)
         if self.head_cfg['plain_head']:
             return super()._make_head(num_classes)
         dd, hidden = dict(device=self.norm.weight.device, dtype=self.norm.weight.dtype), \
@@ -317,6 +328,7 @@ class ScalableViTClassifier(ClassifierMixin, ScalableViT):
         """A new last Linear of the MLP head (``head.3``), or a new plain head."""
         if self.head_cfg['plain_head']:
             return super().reset_classifier(num_classes, global_pool)
+        self._check_num_classes(num_classes)
         if global_pool is not None:
             self._check_pool(global_pool)
             self.global_pool = global_pool

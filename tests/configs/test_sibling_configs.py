@@ -122,3 +122,23 @@ def test_recipes_do_not_inherit_pale_configs(path):
     assert not pale, f'{osp.basename(path)} inherits {pale}'
     fam = 'lit' if '_lit-' in osp.basename(path) else 'scalablevit'
     assert all(osp.basename(osp.dirname(b)) in (fam, '_base_') for b in bases), bases
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=osp.basename)
+def test_backbone_weights_named_by_the_config(path):
+    """LIT configs name the official ImageNet-1K release asset of their size, the file
+    timm's pretrained_cfg downloads (tests/test_weights.py checks both against the
+    official README); ScalableViT's are on Google Drive only, so its configs name none
+    (a user passes the file: configs/scalablevit/README.md)."""
+    import timm
+
+    import pale_mm.timm_models  # noqa: F401
+    cfg = _load(path)
+    fam, arch = osp.basename(path).split('_')[1].split('-')
+    init_cfg = cfg.model.backbone.get('init_cfg')
+    if fam == 'lit':
+        url = f'https://github.com/ziplab/LIT/releases/download/v1.0/lit_{arch}.pth'
+        assert init_cfg == dict(type='Pretrained', checkpoint=url)
+        assert timm.get_pretrained_cfg(f'lit_{arch}').url == url
+    else:
+        assert init_cfg is None

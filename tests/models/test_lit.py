@@ -87,7 +87,7 @@ MASK_RCNN_README = {'ti': 40e6, 's': 48e6}
 
 
 @pytest.mark.parametrize('arch', ['ti', 's'])
-def test_mask_rcnn_params_vs_official_readme(arch):
+def test_mask_rcnn_params_vs_official_readme(arch, tmp_path, monkeypatch):
     """Independent cross-check of the backbone against the authors' own detection table:
     the Mask R-CNN built from configs/lit/ (mmdet's Mask R-CNN heads have the same
     parameters as the mmdet 2.x ones the authors used) must round to the README's whole
@@ -109,9 +109,12 @@ def test_mask_rcnn_params_vs_official_readme(arch):
 
     path = osp.join(ROOT, 'configs', 'lit', f'mask-rcnn_lit-{arch}_fpn_1x_coco.py')
     cfg = _load(path)
-    assert cfg.model.backbone.get('init_cfg') is None  # nothing downloaded
+    # the official weights are named, but building downloads nothing (init_weights would)
+    assert cfg.model.backbone.init_cfg.checkpoint.startswith('https://github.com/ziplab/')
+    monkeypatch.setattr(torch.hub, '_hub_dir', str(tmp_path / 'hub'))
     models = _registry('mmdet')
     shipped = count_params(models.build(cfg.model))
+    assert not (tmp_path / 'hub').exists()
     official = shipped
     if arch != 'ti':
         assert cfg.model.backbone.pretrain_img_size == 800  # as the official detector
@@ -203,6 +206,19 @@ def test_bad_inputs(bad, exc, match):
     (dict(in_channels=0), ValueError, 'in_channels'),
     (dict(pretrain_img_size=0), ValueError, 'pretrain_img_size'),
     (dict(pretrained=123), TypeError, 'pretrained must be a str'),
+    # arch entries that would be taken silently (bool('no') is True) or fail deep
+    (dict(arch=dict(TINY, has_msa=[False, False, True, 'no'])), TypeError,
+     r"LIT: arch has_msa\[3\] must be True or False, got 'no'"),
+    (dict(arch=dict(TINY_TI, pos_embed=1)), TypeError,
+     'LIT: arch pos_embed must be True or False, got 1'),
+    (dict(arch=dict(TINY, norm_eps=0)), ValueError,
+     'LIT: arch norm_eps must be a finite number > 0, got 0'),
+    (dict(arch=dict(TINY, depths=[1, 0, 1, 1])), ValueError,
+     r'LIT arch depths \[1, 0, 1, 1\]: stage 1 has 0; each entry must be an int >= 1'),
+    (dict(arch=dict(TINY, embed_dims=16.0)), ValueError,
+     r'LIT arch embed_dims \[16\.0, 16\.0, 16\.0, 16\.0\]: stage 0 has 16\.0'),
+    (dict(arch=dict(TINY, num_heads=[1, 1, 2, 2.0])), ValueError,
+     r'LIT arch num_heads .*: stage 3 has 2\.0'),
 ])
 def test_bad_construction(kwargs, exc, match):
     kwargs.setdefault('arch', TINY)

@@ -109,6 +109,12 @@ def test_bad_input_type():
     (dict(frozen_stages=5), ValueError, 'frozen_stages'),
     (dict(in_channels=0), ValueError, 'in_channels'),
     (dict(pretrained=123), TypeError, 'pretrained must be a str'),
+    (dict(mlp_ratio=[4, 4]), TypeError,
+     r'PaleTransformer: mlp_ratio must be a number > 0, got \[4, 4\]'),
+    (dict(arch=dict(TINY, depths=[1, 2, -1, 1])), ValueError,
+     r'PaleTransformer arch depths \[1, 2, -1, 1\]: stage 2 has -1'),
+    (dict(arch=dict(TINY, embed_dims=[16, 32, 64, True])), ValueError,
+     r'PaleTransformer arch embed_dims .*: stage 3 has True'),
 ])
 def test_bad_construction(kwargs, exc, match):
     kwargs.setdefault('arch', TINY)

@@ -172,6 +172,14 @@ def test_bad_inputs(bad, exc, match):
     (dict(frozen_stages=-2), ValueError, 'frozen_stages'),
     (dict(in_channels=1.5), ValueError, 'in_channels'),
     (dict(pretrained=1), TypeError, 'pretrained must be a str'),
+    (dict(arch=dict(TINY, c_ratios=[1.25, 1.25, 1.25, 0])), ValueError,
+     r'ScalableViT: arch c_ratios\[3\] must be a finite number > 0, got 0'),
+    # int(16 * 0.05) = 0 keys/queries: 0 % num_heads == 0 used to let it through
+    (dict(arch=dict(TINY, c_ratios=[0.05, 1.25, 1.25, 1])), ValueError,
+     r'stage 0: scaled width int\(16 \* 0\.05\) = 0 is not a positive multiple of '
+     r'num_heads 1'),
+    (dict(arch=dict(TINY, num_heads=[1, 2, 2, 4.0])), ValueError,
+     r'ScalableViT arch num_heads .*: stage 3 has 4\.0'),
 ])
 def test_bad_construction(kwargs, exc, match):
     kwargs.setdefault('arch', TINY)
