@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-shot check of pale_mm's GPU path on one CUDA GPU (about 7 minutes on an H200):
+# One-shot check of pale_mm's GPU path on one CUDA GPU (each part under a time limit;
+# 12.5 minutes at most for the default parts, not yet run on a GPU):
 #   bash tools/analysis/gpu_check.sh [OUT_DIR] [PART ...]
 # PARTS (default: tests checks bench compile):
 #   tests    the GPU path's own tests on CUDA tensors (tests/ops/test_pale_cuda.py:
