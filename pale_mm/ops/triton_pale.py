@@ -50,15 +50,16 @@ _SIZES = ['n0', 'B', 'H', 'W', 'G0', 'F0', 'NA0', 'NB0', 'S0', 'G1', 'F1', 'NA1'
 
 
 @triton.jit
-def _locate(pid, n0, H, W, heads, G0, F0, NA0, NB0, S0, G1, F1, NA1, NB1, S1):
+def _locate(pid, n0, B, H, W, C, heads, d, G0, F0, NA0, NB0, S0, G1, F1, NA1, NB1, S1):
     """The sequence and block of program ``pid``: programs ``[0, n0)`` serve the row
     branch, the rest the column branch. Within a branch, programs run over
     (image, head, group, block); groups ``g < F`` have ``S`` lines, the others
     ``S - 1``, with ``NA`` and ``NB`` blocks of ``BLOCK`` tokens each.
-    Returns ``(b, head, g, blk, col, G, other, step_along, step_other, n)``:
-    ``col`` is 1 in the column branch, ``other`` the tokens per line, the two steps
-    the token-index strides along the grouped axis and along a line, ``n`` the
-    group's token count."""
+    Returns ``(g, blk, G, other, step_along, step_other, n, plane, base, lse_base)``:
+    ``other`` is the tokens per line, the two steps the token-index strides along the
+    grouped axis and along a line, ``n`` the group's token count, ``plane`` the
+    elements of one of q, k, v, ``base`` the offset of the head's first channel in its
+    image, ``lse_base`` that of its per-token statistics (``(B, H*W, 2*heads)``)."""
     col = (pid >= n0).to(tl.int32)
     r = pid - col * n0
     G = tl.where(col == 1, G1, G0)
@@ -79,7 +80,11 @@ def _locate(pid, n0, H, W, heads, G0, F0, NA0, NB0, S0, G1, F1, NA1, NB1, S1):
     other = tl.where(col == 1, H, W)
     step_along = tl.where(col == 1, 1, W)
     step_other = tl.where(col == 1, W, 1)
-    return b, head, g, blk, col, G, other, step_along, step_other, lines * other
+    HW = H * W
+    plane = B.to(tl.int64) * HW * C
+    base = b.to(tl.int64) * HW * C + col * (C // 2) + head * d
+    lse_base = b.to(tl.int64) * HW * 2 * heads + col * heads + head
+    return g, blk, G, other, step_along, step_other, lines * other, plane, base, lse_base
 
 
 @triton.jit
@@ -97,13 +102,8 @@ def _pale_fwd(QKV, OUT, LSE, sm_scale, n0, B, H, W, C, heads, d,
               G0, F0, NA0, NB0, S0, G1, F1, NA1, NB1, S1,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               PRECISION: tl.constexpr, ALIGN: tl.constexpr):
-    pid = tl.program_id(0)
-    b, head, g, blk, col, G, other, s_al, s_ot, n = _locate(
-        pid, n0, H, W, heads, G0, F0, NA0, NB0, S0, G1, F1, NA1, NB1, S1)
-    HW = H * W
-    plane = B.to(tl.int64) * HW * C  # elements of one of q, k, v
-    base = b.to(tl.int64) * HW * C + col * (C // 2) + head * d
-    lse_base = b.to(tl.int64) * HW * 2 * heads + col * heads + head
+    g, blk, G, other, s_al, s_ot, n, plane, base, lse_base = _locate(
+        tl.program_id(0), n0, B, H, W, C, heads, d, G0, F0, NA0, NB0, S0, G1, F1, NA1, NB1, S1)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < d
     m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -142,13 +142,8 @@ def _pale_bwd_dq(QKV, OUT, DO, LSE, DELTA, DQKV, sm_scale, n0, B, H, W, C, heads
                  PRECISION: tl.constexpr, ALIGN: tl.constexpr):
     """dq of one block of queries; also writes ``delta = rowsum(dO * O)`` for
     :func:`_pale_bwd_dkdv`."""
-    pid = tl.program_id(0)
-    b, head, g, blk, col, G, other, s_al, s_ot, n = _locate(
-        pid, n0, H, W, heads, G0, F0, NA0, NB0, S0, G1, F1, NA1, NB1, S1)
-    HW = H * W
-    plane = B.to(tl.int64) * HW * C
-    base = b.to(tl.int64) * HW * C + col * (C // 2) + head * d
-    lse_base = b.to(tl.int64) * HW * 2 * heads + col * heads + head
+    g, blk, G, other, s_al, s_ot, n, plane, base, lse_base = _locate(
+        tl.program_id(0), n0, B, H, W, C, heads, d, G0, F0, NA0, NB0, S0, G1, F1, NA1, NB1, S1)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < d
     m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -186,13 +181,8 @@ def _pale_bwd_dkdv(QKV, DO, LSE, DELTA, DQKV, sm_scale, n0, B, H, W, C, heads, d
                    PRECISION: tl.constexpr, ALIGN: tl.constexpr):
     """dk and dv of one block of keys (blocks of ``BLOCK_M`` keys, the same blocks as
     the queries'), looping over the group's queries ``BLOCK_N`` at a time."""
-    pid = tl.program_id(0)
-    b, head, g, blk, col, G, other, s_al, s_ot, n = _locate(
-        pid, n0, H, W, heads, G0, F0, NA0, NB0, S0, G1, F1, NA1, NB1, S1)
-    HW = H * W
-    plane = B.to(tl.int64) * HW * C
-    base = b.to(tl.int64) * HW * C + col * (C // 2) + head * d
-    lse_base = b.to(tl.int64) * HW * 2 * heads + col * heads + head
+    g, blk, G, other, s_al, s_ot, n, plane, base, lse_base = _locate(
+        tl.program_id(0), n0, B, H, W, C, heads, d, G0, F0, NA0, NB0, S0, G1, F1, NA1, NB1, S1)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < d
     j = blk * BLOCK_M + tl.arange(0, BLOCK_M)
