@@ -97,6 +97,18 @@ def _rows(base, pos, g, G, other, step_along, step_other, C, ALIGN: tl.constexpr
     return tl.multiple_of(base + tok * C, ALIGN), tok
 
 
+@triton.jit
+def _tile(base, start, n, g, G, other, step_along, step_other, C, dd, dmask,
+          BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    """Positions ``start .. start + BLOCK`` of a sequence of ``n`` tokens: the
+    ``(BLOCK, BLOCK_D)`` element offsets of their head channels and the mask of the
+    real ones, the row mask and the token indices."""
+    pos = start + tl.arange(0, BLOCK)
+    rows = pos < n
+    offsets, tok = _rows(base, pos, g, G, other, step_along, step_other, C, ALIGN)
+    return offsets[:, None] + dd[None, :], rows[:, None] & dmask[None, :], rows, tok
+
+
 @triton.jit(do_not_specialize=_SIZES)
 def _pale_fwd(QKV, OUT, LSE, sm_scale, n0, B, H, W, C, heads, d,
               G0, F0, NA0, NB0, S0, G1, F1, NA1, NB1, S1,
@@ -106,20 +118,16 @@ def _pale_fwd(QKV, OUT, LSE, sm_scale, n0, B, H, W, C, heads, d,
         tl.program_id(0), n0, B, H, W, C, heads, d, G0, F0, NA0, NB0, S0, G1, F1, NA1, NB1, S1)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < d
-    m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = m < n
-    rm, tm = _rows(base, m, g, G, other, s_al, s_ot, C, ALIGN)
-    qmask = mmask[:, None] & dmask[None, :]
-    q = tl.load(QKV + rm[:, None] + dd[None, :], mask=qmask, other=0.)
+    qo, qmask, mmask, tm = _tile(base, blk * BLOCK_M, n, g, G, other, s_al, s_ot, C, dd,
+                                 dmask, BLOCK_M, ALIGN)
+    q = tl.load(QKV + qo, mask=qmask, other=0.)
     qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2
     m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, n, BLOCK_N):
-        j = start + tl.arange(0, BLOCK_N)
-        jmask = j < n
-        kv = _rows(base, j, g, G, other, s_al, s_ot, C, ALIGN)[0][:, None] + dd[None, :]
-        kvmask = jmask[:, None] & dmask[None, :]
+        kv, kvmask, jmask, _ = _tile(base, start, n, g, G, other, s_al, s_ot, C, dd, dmask,
+                                     BLOCK_N, ALIGN)
         k = tl.load(QKV + plane + kv, mask=kvmask, other=0.)
         v = tl.load(QKV + 2 * plane + kv, mask=kvmask, other=0.)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -131,7 +139,7 @@ def _pale_fwd(QKV, OUT, LSE, sm_scale, n0, B, H, W, C, heads, d,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(OUT + rm[:, None] + dd[None, :], acc.to(OUT.dtype.element_ty), mask=qmask)
+    tl.store(OUT + qo, acc.to(OUT.dtype.element_ty), mask=qmask)
     tl.store(LSE + lse_base + tm * 2 * heads, m_i + tl.log2(l_i), mask=mmask)
 
 
@@ -146,11 +154,8 @@ def _pale_bwd_dq(QKV, OUT, DO, LSE, DELTA, DQKV, sm_scale, n0, B, H, W, C, heads
         tl.program_id(0), n0, B, H, W, C, heads, d, G0, F0, NA0, NB0, S0, G1, F1, NA1, NB1, S1)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < d
-    m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = m < n
-    rm, tm = _rows(base, m, g, G, other, s_al, s_ot, C, ALIGN)
-    qmask = mmask[:, None] & dmask[None, :]
-    qo = rm[:, None] + dd[None, :]
+    qo, qmask, mmask, tm = _tile(base, blk * BLOCK_M, n, g, G, other, s_al, s_ot, C, dd,
+                                 dmask, BLOCK_M, ALIGN)
     q = tl.load(QKV + qo, mask=qmask, other=0.)
     do = tl.load(DO + qo, mask=qmask, other=0.)
     o = tl.load(OUT + qo, mask=qmask, other=0.)
@@ -160,10 +165,8 @@ def _pale_bwd_dq(QKV, OUT, DO, LSE, DELTA, DQKV, sm_scale, n0, B, H, W, C, heads
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, n, BLOCK_N):
-        j = start + tl.arange(0, BLOCK_N)
-        jmask = j < n
-        kv = _rows(base, j, g, G, other, s_al, s_ot, C, ALIGN)[0][:, None] + dd[None, :]
-        kvmask = jmask[:, None] & dmask[None, :]
+        kv, kvmask, jmask, _ = _tile(base, start, n, g, G, other, s_al, s_ot, C, dd, dmask,
+                                     BLOCK_N, ALIGN)
         k = tl.load(QKV + plane + kv, mask=kvmask, other=0.)
         v = tl.load(QKV + 2 * plane + kv, mask=kvmask, other=0.)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -185,21 +188,16 @@ def _pale_bwd_dkdv(QKV, DO, LSE, DELTA, DQKV, sm_scale, n0, B, H, W, C, heads, d
         tl.program_id(0), n0, B, H, W, C, heads, d, G0, F0, NA0, NB0, S0, G1, F1, NA1, NB1, S1)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < d
-    j = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-    jmask = j < n
-    kv = _rows(base, j, g, G, other, s_al, s_ot, C, ALIGN)[0][:, None] + dd[None, :]
-    kvmask = jmask[:, None] & dmask[None, :]
+    kv, kvmask, jmask, _ = _tile(base, blk * BLOCK_M, n, g, G, other, s_al, s_ot, C, dd,
+                                 dmask, BLOCK_M, ALIGN)
     k = tl.load(QKV + plane + kv, mask=kvmask, other=0.)
     v = tl.load(QKV + 2 * plane + kv, mask=kvmask, other=0.)
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, n, BLOCK_N):
-        m = start + tl.arange(0, BLOCK_N)
-        mmask = m < n
-        rm, tm = _rows(base, m, g, G, other, s_al, s_ot, C, ALIGN)
-        qo = rm[:, None] + dd[None, :]
-        qmask = mmask[:, None] & dmask[None, :]
+        qo, qmask, mmask, tm = _tile(base, start, n, g, G, other, s_al, s_ot, C, dd, dmask,
+                                     BLOCK_N, ALIGN)
         q = tl.load(QKV + qo, mask=qmask, other=0.)
         do = tl.load(DO + qo, mask=qmask, other=0.)
         lse = tl.load(LSE + lse_base + tm * 2 * heads, mask=mmask, other=0.)
