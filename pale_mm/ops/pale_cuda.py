@@ -58,8 +58,10 @@ def triton_available() -> bool:
 def kernel_serves(qkv: torch.Tensor) -> bool:
     """Whether the Triton kernel serves q/k/v like ``qkv``: float32, bfloat16 or
     float16 on a GPU of compute capability 8.0 or later (Ampere, Hopper, ...), or on
-    the CPU in Triton's interpreter (``TRITON_INTERPRET=1``, the tests)."""
-    if qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    the CPU in Triton's interpreter (``TRITON_INTERPRET=1``, the tests). Call where
+    :func:`triton_available` holds."""
+    from .triton_pale import DTYPES
+    if qkv.dtype not in DTYPES:
         return False
     if qkv.device.type == 'cuda':
         return _capability(qkv.device.index) >= (8, 0)

@@ -36,12 +36,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ..models.layers import check_heads
 from ..models.pale_attention import pale_groups
 
-__all__ = ['pale_attention_qkv', 'PaleAttentionFunction', 'compiled_op', 'MAX_HEAD_DIM',
+__all__ = ['pale_attention_qkv', 'PaleAttentionFunction', 'compiled_op', 'MAX_HEAD_DIM', 'DTYPES',
            'launch_plan']
 
 MAX_HEAD_DIM = 128
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the dtypes the kernels take
 BLOCK_M = 64
 BLOCK_N = 64
 # the arguments that change with the input size: Triton does not specialise on them,
@@ -357,14 +359,12 @@ def pale_attention_qkv(qkv: torch.Tensor, pale_size: Tuple[int, int],
         raise ValueError(f'pale_attention_qkv expects stacked q, k, v of shape '
                          f'(3, B, H, W, C), got {tuple(qkv.shape)}')
     C = qkv.shape[-1]
-    if num_heads < 2 or num_heads % 2 or C % num_heads:
-        raise ValueError(f'pale_attention_qkv: {C} channels cannot be split into two '
-                         f'branches of num_heads // 2 heads (num_heads={num_heads})')
+    check_heads(C, num_heads, where='pale_attention_qkv: ')
     d = C // num_heads
     if d > MAX_HEAD_DIM:
         raise ValueError(f'pale_attention_qkv serves head dims up to {MAX_HEAD_DIM}, '
                          f'got {d}')
-    if qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if qkv.dtype not in DTYPES:
         raise TypeError(f'pale_attention_qkv expects float32, bfloat16 or float16, got '
                         f'{qkv.dtype}')
     qkv = qkv.contiguous()

@@ -169,7 +169,8 @@ def test_kernel_rejects_bad_input():
     qkv = _qkv((1, 4, 4), 16, torch.float32)
     with pytest.raises(ValueError, match=r'\(3, B, H, W, C\)'):
         triton_pale.pale_attention_qkv(qkv[0], (2, 2), 2)
-    with pytest.raises(ValueError, match='num_heads=3'):
+    with pytest.raises(ValueError,
+                       match=r'pale_attention_qkv: .* num_heads must be an even int >= 2, got 3'):
         triton_pale.pale_attention_qkv(qkv, (2, 2), 3)
     with pytest.raises(ValueError, match='head dims up to 128, got 256'):
         triton_pale.pale_attention_qkv(_qkv((1, 2, 2), 512, torch.float32), (2, 2), 2)
