@@ -9,6 +9,7 @@ same kernels in Triton's interpreter on CPU tensors (tests/ops/conftest.py), wit
 dispatch shown CPU tensors as if they were CUDA tensors (``gpu_dispatch``).
 The interpreter computes bfloat16 products wrongly (it multiplies their raw bits), so
 bfloat16 is tested on GPUs only; float16 takes the same code path."""
+import contextlib
 import copy
 import math
 
@@ -21,6 +22,7 @@ from pale_mm.models import PaleTransformer, PSAttention
 from pale_mm.models.layers import Mlp
 from pale_mm.models.pale_transformer import PaleBlock
 from pale_mm.ops import fast_path, set_fast_paths
+from tests.ops.test_pale import _randomise_bn
 from tests.pale_oracle import dense_pale_attention
 from tests.switches import switched_off
 from tests.tolerances import fp_tol, module_scales, rms
@@ -179,36 +181,18 @@ def test_kernel_rejects_bad_input():
 
 
 # ------------------------------------------------------------------------ PS-Attention
-def _randomise_bn(module):
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2)
-
-
 def _step(module, x, *args, fast=True, seed=1):
     """Output, gradients of the input and every parameter, and the buffers after one
     forward and backward of a copy of ``module``."""
     module = copy.deepcopy(module)
     x = x.clone().requires_grad_()
-    with switched_off(set_fast_paths) if not fast else _nothing():
+    with switched_off(set_fast_paths) if not fast else contextlib.nullcontext():
         torch.manual_seed(seed)
         out = module(x, *args)
     g = torch.sin(torch.arange(out.numel(), device=out.device, dtype=out.dtype)).view_as(out)
     names = ['x'] + [n for n, _ in module.named_parameters()]
     grads = torch.autograd.grad(out, [x] + list(module.parameters()), g)
     return out.detach(), dict(zip(names, grads)), [b.clone() for b in module.buffers()]
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 ATTN_CASES = [((2, 14, 14), 64, 2, 7), ((2, 9, 23), 24, 4, (7, 3)), ((1, 16, 5), 96, 4, 7)]
@@ -269,7 +253,7 @@ def test_gpu_backbone_equals_reference(gpu_dispatch):
     results = {}
     for fast in (True, False):
         m = copy.deepcopy(model)
-        with switched_off(set_fast_paths) if not fast else _nothing():
+        with switched_off(set_fast_paths) if not fast else contextlib.nullcontext():
             torch.manual_seed(5)
             outs = m(x)
             sum((o * torch.arange(o.numel(), device=DEVICE).view_as(o).cos()).sum()
