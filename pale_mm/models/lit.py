@@ -64,9 +64,20 @@ __all__ = ['DeformConv2dPack', 'DeformableTokenMerging', 'LITAttention', 'LITBlo
 def deform_conv(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias,
                 stride: int, padding: int) -> torch.Tensor:
     """torchvision's DCNv1 (``torchvision.ops.deform_conv2d``), an FX leaf: its
-    argument checks branch on the input's shape."""
+    argument checks branch on the input's shape.
+
+    bfloat16 inputs are computed in float32 and the result rounded to bfloat16:
+    torchvision has no bfloat16 kernel on any device, and under CUDA autocast it
+    computes in float32 itself. So a bf16 model, or one under CPU autocast, gives
+    what CUDA autocast gives, instead of failing in torchvision."""
     from torchvision.ops import deform_conv2d
-    return deform_conv2d(x, offset, weight, bias, stride=stride, padding=padding)
+    if x.dtype != torch.bfloat16:
+        return deform_conv2d(x, offset, weight, bias, stride=stride, padding=padding)
+    with torch.autocast(x.device.type, enabled=False):
+        out = deform_conv2d(x.float(), offset.float(), weight.float(),
+                            None if bias is None else bias.float(), stride=stride,
+                            padding=padding)
+    return out.to(x.dtype)
 
 
 class DeformConv2dPack(nn.Module):

@@ -1,6 +1,7 @@
 """LIT backbone / classifier: shapes, paper params and FLOPs, DTM, relative position
 bias, backbone interface (frozen_stages, norm_eval, with_cp), official key layouts."""
 import argparse
+import copy
 import functools
 import math
 import os.path as osp
@@ -147,6 +148,55 @@ def test_dcn_zero_offsets_is_conv_and_offset_layout():
         dcn.conv_offset.bias.copy_(torch.tensor([0., 1.] * 4))
     shifted = F.pad(x[..., 1:], (0, 1))
     torch.testing.assert_close(dcn(x), F.conv2d(shifted, dcn.weight, dcn.bias, stride=2))
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_dcn_in_16_bits_on_the_cpu(dtype):
+    """torchvision's deform_conv2d has no bfloat16 kernel: a bf16 DCN computes in
+    float32 and rounds once; float16 runs torchvision's own kernel. Both are within
+    the dtype's rounding of the float64 result on the same rounded inputs, gradients
+    included."""
+    torch.manual_seed(0)
+    dcn = DeformConv2dPack(8, 16)
+    with torch.no_grad():
+        dcn.conv_offset.weight.normal_(0, 0.3)  # fractional offsets: bilinear sampling
+    x = torch.randn(2, 8, 10, 14)
+    low = copy.deepcopy(dcn).to(dtype)
+    ref = copy.deepcopy(low).double()
+    xl = x.to(dtype).requires_grad_()
+    xr = xl.detach().double().requires_grad_()
+    out, want = low(xl), ref(xr)
+    assert out.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    # the offsets conv runs in the dtype (a 32-term reduction, rounded), then the DCN
+    assert (out.double() - want).norm() / want.norm() < 4 * eps
+    g = torch.randn_like(want)
+    out.backward(g.to(dtype))
+    want.backward(g)
+    assert (xl.grad.double() - xr.grad).norm() / xr.grad.norm() < 4 * eps
+    for (n, p), q in zip(low.named_parameters(), ref.parameters()):
+        if n.startswith('conv_offset'):  # its gradient sums products of rounded terms
+            continue
+        assert (p.grad.double() - q.grad).norm() / q.grad.norm() < 4 * eps, n
+
+
+def test_training_step_under_cpu_autocast():
+    """LIT trains under bf16 autocast on the CPU (``benchmark.py --amp bf16``): it
+    used to stop at torchvision's DCN ('deformable_im2col' not implemented for
+    'BFloat16'). Outputs stay within bf16 rounding of float32, accumulated over the
+    blocks; every gradient is finite."""
+    torch.manual_seed(0)
+    model = _small(drop_path_rate=0.).train()
+    x = torch.randn(2, 3, 45, 62)
+    ref = model(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        outs = model(x)
+    sum(o.float().sum() for o in outs).backward()
+    eps, depth = torch.finfo(torch.bfloat16).eps, sum(TINY['depths']) + 3  # + 3 DTMs
+    for o, r in zip(outs, ref):
+        assert (o.float() - r).norm() / r.norm() < 4 * eps * math.sqrt(depth)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in model.parameters() if p.requires_grad)
 
 
 def test_relative_position_bias_lookup_and_interpolation():
