@@ -6,11 +6,15 @@ lets ``torch.load(weights_only=True)`` read mmengine Runner checkpoints.
 """
 __version__ = '0.1.0'
 
-from .compat import allow_numpy_in_checkpoints  # noqa: E402
+from .compat import allow_numpy_in_checkpoints, fix_inductor_stride_order  # noqa: E402
 
 # torch >= 2.6 loads with weights_only=True and mmengine 0.10 does not opt out:
 # allow-list the plain-data types that Runner checkpoints hold (resume, load_from).
 allow_numpy_in_checkpoints()
+# inductor with dynamic shapes cannot order the symbolic strides of our (B, H, W, C)
+# maps' permuted views (pytorch/pytorch#185871, open): backported, applied when a
+# compilation starts.
+fix_inductor_stride_order()
 
 from . import models  # noqa: F401,E402
 from .ops import pale as _fast_paths  # noqa: F401,E402  (registers the CPU fast forwards)

@@ -14,13 +14,28 @@ torch's *current* list (``torch.serialization.get_safe_globals()``) already hold
 them. It is checked on every call, never cached: a ``torch.serialization.safe_globals``
 context (timm's checkpoint loader uses one) restores the list it found when it exits,
 which can drop entries added meanwhile.
+
+``fix_inductor_stride_order``: ``torch.compile(dynamic=True)`` (inductor) of a model
+that keeps ``(B, H, W, C)`` maps and saves a permuted view of one for a convolution's
+backward (the Pale block's CPE, LIT's and ScalableViT's convolutions) stops with
+``TypeError: cannot determine truth value of Relational`` in torch 2.11 to 2.14:
+inductor sorts the view's symbolic strides with plain Python comparisons where sizes
+come from a strided stem (``(s - 1)//4 + 1``), which SymPy cannot order. torch's own
+symbolic sort (``argsort_sym``, with the graph's ShapeEnv) orders them; the open
+upstream fix (pytorch/pytorch#185871) makes inductor use it there. This backports
+that: once inductor is loaded (pale_mm does not load it: the first compilation does),
+``torch._inductor.ir.get_fill_order`` gets the active graph's ShapeEnv whenever it is
+handed symbolic strides without one. Static strides, and callers that pass a ShapeEnv,
+are unchanged.
 """
+import functools
 import pickle
+import sys
 
 import torch
 
 __all__ = ['allow_numpy_in_checkpoints', 'numpy_safe_globals', 'mmengine_safe_globals',
-           'ensure_safe_globals']
+           'ensure_safe_globals', 'fix_inductor_stride_order']
 
 
 def ensure_safe_globals(entries: list) -> bool:
@@ -99,3 +114,70 @@ def allow_numpy_in_checkpoints() -> bool:
     is not restricted anyway. Returns True when the allow-list is installed.
     """
     return ensure_safe_globals(numpy_safe_globals() + mmengine_safe_globals())
+
+
+def _shape_env_of(seq):
+    """The ShapeEnv of the strides ``seq`` (from a SymInt among them, or from the
+    graph inductor is lowering), or None."""
+    for s in seq:
+        if isinstance(s, torch.SymInt):
+            return s.node.shape_env
+    from torch._inductor.virtualized import V
+    try:
+        return V.graph.sizevars.shape_env
+    except (AttributeError, AssertionError):  # no graph being lowered
+        return None
+
+
+def _patch_fill_order(ir) -> bool:
+    """Wrap ``ir.get_fill_order`` (``torch._inductor.ir``) once; False where it is
+    missing."""
+    import sympy
+    orig = getattr(ir, 'get_fill_order', None)
+    if orig is None or getattr(orig, '_pale_mm_fix', False):
+        return orig is not None
+
+    @functools.wraps(orig)
+    def get_fill_order(seq, shape_env=None):
+        if shape_env is None and not all(isinstance(s, (int, sympy.Integer)) for s in seq):
+            shape_env = _shape_env_of(seq)
+        return orig(seq, shape_env)
+
+    get_fill_order._pale_mm_fix = True
+    ir.get_fill_order = get_fill_order
+    return True
+
+
+class _PatchInductorOnImport:
+    """A ``sys.meta_path`` finder that lets ``torch._inductor.ir`` load as usual and
+    wraps its ``get_fill_order`` right after, then takes itself off the path."""
+
+    name = 'torch._inductor.ir'
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        import importlib.util
+        sys.meta_path.remove(self)  # find the real spec without this finder
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, 'exec_module'):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_patch(module):
+            exec_module(module)
+            _patch_fill_order(module)
+        spec.loader.exec_module = exec_then_patch  # this spec's own loader instance
+        return spec
+
+
+def fix_inductor_stride_order() -> bool:
+    """Backport pytorch/pytorch#185871 (see the module docstring): wrap inductor's
+    ``get_fill_order`` now if inductor is loaded, else as soon as it loads (the first
+    compilation), so importing pale_mm does not import inductor."""
+    ir = sys.modules.get(_PatchInductorOnImport.name)
+    if ir is not None:
+        return _patch_fill_order(ir)
+    if not any(isinstance(f, _PatchInductorOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchInductorOnImport())
+    return True

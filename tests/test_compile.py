@@ -62,14 +62,14 @@ def _sdpa_in_eager():
     switch(previous)
 
 
-def _compare_compiled(backend, shape):
+def _compare_compiled(backend, shape, dynamic=False):
     """Outputs, gradients, BN statistics and eval outputs of the compiled model against
     eager's. Compiled code may order a reduction differently (inductor fuses and
     splits them), so the tolerance is fp32 rounding of the longest one: the weight
     gradients' sum over batch x positions at stride 4, through the model's depth."""
     eager = _build('pale')
     compiled_src = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_src, backend=backend, fullgraph=True, dynamic=False)
+    compiled = torch.compile(compiled_src, backend=backend, fullgraph=True, dynamic=dynamic)
     torch.manual_seed(1)
     x = torch.randn(*shape)
     k = max(512, shape[0] * -(-shape[2] // 4) * -(-shape[3] // 4))
@@ -112,3 +112,63 @@ def test_aot_eager_matches_eager(_sdpa_in_eager):
 @pytest.mark.slow
 def test_inductor_matches_eager(_sdpa_in_eager):
     _compare_compiled('inductor', (1, 3, 64, 96))
+
+
+@pytest.mark.slow
+def test_inductor_with_dynamic_shapes_matches_eager(_sdpa_in_eager):
+    """``dynamic=True``, as for detection batches: needs pale_mm's backport of
+    pytorch/pytorch#185871 (``pale_mm.compat.fix_inductor_stride_order``)."""
+    _compare_compiled('inductor', (1, 3, 45, 62), dynamic=True)
+
+
+class _NHWCConvs(torch.nn.Module):
+    """The pattern behind pytorch/pytorch#185871 in our models: a strided stem, then a
+    depthwise conv on a permuted view of a (B, H, W, C) map (saved for backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 7, 4, 3)
+        self.dw = torch.nn.Conv2d(8, 8, 3, 1, 1, groups=8)
+
+    def forward(self, x):
+        x = self.stem(x).permute(0, 2, 3, 1) * 2
+        return x + self.dw(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def test_inductor_orders_symbolic_strides_of_nhwc_views(monkeypatch):
+    """Without the backport, inductor stops here with "TypeError: cannot determine
+    truth value of Relational" (torch 2.11 to 2.14.1): it sorts the view's strides,
+    (H'W'C, 1, W'C, C) with H' = (H - 1)//4 + 1, by plain SymPy comparisons. With it,
+    the compiled module gives eager's output and gradients at two sizes."""
+    import pale_mm  # noqa: F401  (registers the backport)
+    import torch._functorch.config as aot_config
+    import torch._inductor.config as inductor_config
+    # lowered here, not served from the on-disk caches of an earlier run
+    monkeypatch.setattr(inductor_config, 'fx_graph_cache', False)
+    monkeypatch.setattr(aot_config, 'enable_autograd_cache', False)
+    torch.manual_seed(0)
+    m = _NHWCConvs()
+    compiled = torch.compile(copy.deepcopy(m), dynamic=True)
+    for shape in ((2, 3, 64, 64), (1, 3, 45, 70)):
+        x = torch.randn(*shape)
+        got, want = compiled(x), m(x)
+        got.sum().backward()
+        want.sum().backward()
+        torch.testing.assert_close(got, want)
+        for (n, p), q in zip(compiled.named_parameters(), m.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=n, rtol=1e-4, atol=1e-4)
+            p.grad = q.grad = None
+
+
+def test_importing_pale_mm_does_not_import_inductor():
+    """The backport waits for inductor to load (the first compilation), then wraps
+    its ``get_fill_order``; it survives ``torch._dynamo.reset()``."""
+    import subprocess
+    import sys
+    code = ('import sys, torch, pale_mm; a = "torch._inductor.ir" in sys.modules; '
+            'torch._dynamo.reset(); from torch._inductor import ir; '
+            'print(a, getattr(ir.get_fill_order, "_pale_mm_fix", False), '
+            'ir.get_fill_order([8, 1, 4]))')
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split() == ['False', 'True', '[1,', '2,', '0]'], \
+        r.stdout + r.stderr[-2000:]
