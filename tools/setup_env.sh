@@ -23,7 +23,7 @@ MMCV_VER=2.1.0
 say() { printf '[setup_env %(%H:%M:%S)T] %s\n' -1 "$*"; }
 
 # Everything the environment must satisfy; the stamp records it so reruns are cheap.
-STAMP_KEY="$(cat "$ROOT/tools/setup_env.sh" "$ROOT/tools/cuda_env.py" "$ROOT/setup.py" | sha256sum | cut -c1-16)"
+STAMP_KEY="$(cat "$ROOT/tools/setup_env.sh" "$ROOT/tools/build_mmcv.sh" "$ROOT/tools/cuda_env.py" "$ROOT/setup.py" | sha256sum | cut -c1-16)"
 # GPU detection and cache keys (tools/cuda_env.py, run by the venv's Python)
 CUDA_ENV=("$VENV/bin/python" "$ROOT/tools/cuda_env.py")
 STAMP="$VENV/.pale_mm_ready"
@@ -62,8 +62,7 @@ quiet() { "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 CONSTRAINTS="$(mktemp)"
-BUILD=""
-trap 'rm -f "$CONSTRAINTS"; [[ -z "$BUILD" ]] || rm -rf "$BUILD"' EXIT
+trap 'rm -f "$CONSTRAINTS"' EXIT
 cat > "$CONSTRAINTS" <<CEOF
 numpy<2
 setuptools>=77,<82
@@ -93,119 +92,17 @@ WHEEL_BASE="$CACHE/wheels/mmcv-$MMCV_VER-torch$TORCH_INSTALLED-$PYTAG"
 WHEEL_DIR="$WHEEL_BASE-$MMCV_KEY"
 mkdir -p "$WHEEL_DIR"
 
-# The compiler for mmcv's op files: c++ with torch's headers precompiled once. Every
-# op file includes "pytorch_cpp_helper.hpp" (torch/types.h: most of a file's compile
-# time), 63 of the 77 as their first line; GCC then loads <header>.gch from the header's
-# directory instead of parsing it, provided it was made with the same flags. The first
-# compile command makes the .gch from its own flags, so the flags match by
-# construction. A precompiled header changes nothing in the generated code (checked:
-# identical machine code); if making it fails, every file is compiled the ordinary way.
-write_pch_cxx() {
-  cat > "$1" <<'WEOF'
-#!/usr/bin/env bash
-real="${PALE_MM_REAL_CXX:-c++}"
-hdr="${PALE_MM_PCH_HEADER:-}"
-gch="$hdr.gch"
-# No debug info: -g0 after Python's -g (the last -g option wins). Same machine code.
-[[ " $* " == *" -c "* ]] && set -- "$@" -g0 -Winvalid-pch
-# The first compile command makes the .gch; a parallel one that finds it being made
-# compiles its file without it rather than wait.
-if [[ -n "$hdr" && ! -e "$gch" && ! -e "$gch.failed" && " $* " == *" -c "* ]]; then
-  exec 9>"$gch.lock"
-  if flock -n 9 && [[ ! -e "$gch" && ! -e "$gch.failed" ]]; then
-    args=(); skip=0
-    for a in "$@"; do
-      if (( skip )); then skip=0; continue; fi
-      case "$a" in
-        -MF|-o) skip=1 ;;
-        -MMD|-c) ;;
-        *.cpp|*.cc|*.cxx) [[ -f "$a" ]] || args+=("$a") ;;
-        *) args+=("$a") ;;
-      esac
-    done
-    if "$real" "${args[@]}" -x c++-header "$hdr" -o "$gch.tmp" >"$gch.log" 2>&1; then
-      mv "$gch.tmp" "$gch"
-    else
-      touch "$gch.failed"
-      echo "precompiled header failed (compiling without it): $(tail -3 "$gch.log")" >&2
-    fi
-  fi
-  exec 9>&-
-fi
-exec "$real" "$@"
-WEOF
-  chmod +x "$1"
-}
-
 if "$VENV/bin/python" -c "import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version__ != '$MMCV_VER')" 2>/dev/null \
    && [[ "$("${CUDA_ENV[@]}" kind installed)" == "$MMCV_BUILD" ]]; then
   say "mmcv $MMCV_VER with ops already installed ($MMCV_BUILD build)"
 else
   WHEEL="$("${CUDA_ENV[@]}" pick-wheel --dir "$WHEEL_DIR" --old "$WHEEL_BASE" --kind "$MMCV_BUILD")"
   if [[ -z "$WHEEL" ]]; then
-    BUILD="$(mktemp -d)"
-    say "building mmcv $MMCV_VER with ops from the PyPI sdist in $BUILD"
-    quiet "${PIP[@]}" download -q --no-deps --no-binary :all: --no-build-isolation -d "$BUILD" "mmcv==$MMCV_VER"
-    tar -xzf "$BUILD"/mmcv-$MMCV_VER.tar.gz -C "$BUILD"
-    SRC="$BUILD/mmcv-$MMCV_VER"
-    # torch >= 2.10 headers need C++20; mmcv 2.1.0 hard-codes -std=c++17.
-    if "$VENV/bin/python" - <<'PYEOF'
-import sys, torch
-major, minor = (int(x) for x in torch.__version__.split('+')[0].split('.')[:2])
-sys.exit(0 if (major, minor) >= (2, 10) else 1)
-PYEOF
-    then
-      say "torch $TORCH_INSTALLED needs C++20: patching mmcv's setup.py"
-      sed -i 's/-std=c++17/-std=c++20/g' "$SRC/setup.py"
-    fi
-    write_pch_cxx "$BUILD/g++-pch"
-    LOG="$WHEEL_DIR/build.log"
-    JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)}"
-    # mmcv's setup.py builds its CUDA ops when FORCE_CUDA=1 or torch sees a GPU, and
-    # takes nvcc from torch's CUDA_HOME: both are set here, so the build is the one
-    # detected above. A CPU build hides the GPUs (PALE_MM_MMCV_CPU_ONLY=1 on a GPU machine).
-    if [[ "$MMCV_BUILD" == cuda ]]; then
-      # an nvcc job takes over 1 GB: no more jobs than memory allows, unless MAX_JOBS says
-      if [[ -z "${MAX_JOBS:-}" && -n "$MMCV_MAX_JOBS" ]] && (( JOBS > MMCV_MAX_JOBS )); then
-        JOBS="$MMCV_MAX_JOBS"
-      fi
-      NCU="$(ls "$SRC"/mmcv/ops/csrc/pytorch/cuda/*.cu | wc -l)"
-      # CPATH: torch's CUDA library headers where the toolkit lacks them (an empty
-      # entry would mean the current directory)
-      INC="$(IFS=:; paths=($MMCV_CPATH ${CPATH:-}); echo "${paths[*]}")"
-      MODE_ENV=(FORCE_CUDA=1 CUDA_HOME="$MMCV_CUDA_HOME" TORCH_CUDA_ARCH_LIST="$MMCV_ARCH_LIST" CPATH="$INC")
-      say "compiling $JOBS files at a time: C++ files without debug info (-g0) and with torch's headers precompiled, $NCU CUDA files with nvcc for TORCH_CUDA_ARCH_LIST=$MMCV_ARCH_LIST (full log: $LOG); progress follows"
-    else
-      NCU=0
-      MODE_ENV=(FORCE_CUDA=0 CUDA_VISIBLE_DEVICES=)
-      say "compiling $JOBS files at a time, without debug info (-g0) and with torch's headers precompiled (full log: $LOG); progress follows"
-    fi
-    # The flags are Python's (-DNDEBUG -g -fwrapv -O3 -Wall), mmcv's and torch's, as
-    # before, plus -g0 from the wrapper: debug info for torch's templates took half of
-    # each file's compile time. (Not through CFLAGS: setuptools >= 72 lets CFLAGS
-    # replace Python's flags, -O3 and -DNDEBUG included.) nvcc gets torch's and mmcv's
-    # flags, which have no -g or -G (no debug info, host or device; checked below); its
-    # host compiler is nvcc's own (gcc), not the wrapper, so no precompiled header there.
-    ( cd "$SRC" && env "${MODE_ENV[@]}" MMCV_WITH_OPS=1 MAX_JOBS="$JOBS" \
-        PALE_MM_REAL_CXX="${CXX:-c++}" CXX="$BUILD/g++-pch" \
-        PALE_MM_PCH_HEADER="$SRC/mmcv/ops/csrc/common/pytorch_cpp_helper.hpp" \
-        "${PIP[@]}" wheel -v --no-deps --no-build-isolation -w "$BUILD/dist" . ) 2>&1 \
-      | tee "$LOG" | MAX_JOBS="$JOBS" PALE_MM_CUDA_FILES="$NCU" "$VENV/bin/python" -u "$ROOT/tools/build_progress.py"
-    if ! ls "$BUILD"/dist/mmcv-*.whl >/dev/null 2>&1; then
-      say "mmcv build FAILED; see $LOG"; exit 1
-    fi
-    BUILT_WHEEL="$(ls "$BUILD"/dist/mmcv-*.whl)"
-    BUILT="$("${CUDA_ENV[@]}" kind "$BUILT_WHEEL")"
-    if [[ "$BUILT" != "$MMCV_BUILD" ]]; then
-      say "mmcv build FAILED: a $MMCV_BUILD build made a wheel whose ops are '$BUILT' (tools/cuda_env.py kind); not cached, not installed (log: $LOG)"; exit 1
-    fi
-    if [[ "$MMCV_BUILD" == cuda ]] && ! "${CUDA_ENV[@]}" nvcc-flags "$LOG"; then
-      say "mmcv build FAILED: nvcc compiled with debug info; not cached, not installed (log: $LOG)"; exit 1
-    fi
-    cp "$BUILT_WHEEL" "$WHEEL_DIR/"
-    WHEEL="$WHEEL_DIR/$(basename "$BUILT_WHEEL")"
-    rm -rf "$BUILD"
-    BUILD=""
+    # the one slow step (tools/build_mmcv.sh): the plan detected above, built with
+    # this venv's torch, the wheel checked and put into WHEEL_DIR
+    export MMCV_VER MMCV_BUILD MMCV_CUDA_HOME MMCV_ARCH_LIST MMCV_CPATH MMCV_MAX_JOBS
+    bash "$ROOT/tools/build_mmcv.sh" "$VENV/bin/python" "$WHEEL_DIR"
+    WHEEL="$(cat "$WHEEL_DIR/last_built.txt")"
     say "mmcv wheel cached in $WHEEL_DIR"
   else
     say "using cached mmcv wheel $WHEEL"
