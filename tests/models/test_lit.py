@@ -180,6 +180,14 @@ def test_dcn_in_16_bits_on_the_cpu(dtype):
         assert (p.grad.double() - q.grad).norm() / q.grad.norm() < 4 * eps, n
 
 
+def test_dcn_in_bfloat16_on_the_meta_device():
+    """timm's model tests build and run models on 'meta' in bfloat16; there is no
+    autocast to turn off there."""
+    dcn = DeformConv2dPack(4, 8).to('meta', torch.bfloat16)
+    out = dcn(torch.empty(2, 4, 6, 10, device='meta', dtype=torch.bfloat16))
+    assert out.shape == (2, 8, 3, 5) and out.dtype == torch.bfloat16 and out.is_meta
+
+
 def test_training_step_under_cpu_autocast():
     """LIT trains under bf16 autocast on the CPU (``benchmark.py --amp bf16``): it
     used to stop at torchvision's DCN ('deformable_im2col' not implemented for
