@@ -12,8 +12,8 @@ from .compat import allow_numpy_in_checkpoints, fix_inductor_stride_order  # noq
 # allow-list the plain-data types that Runner checkpoints hold (resume, load_from).
 allow_numpy_in_checkpoints()
 # inductor with dynamic shapes cannot order the symbolic strides of our (B, H, W, C)
-# maps' permuted views (pytorch/pytorch#185871, open): backported, applied when a
-# compilation starts.
+# maps' permuted views (pytorch/pytorch#185871, open): backported, applied when
+# inductor loads (the first compilation), not here.
 fix_inductor_stride_order()
 
 from . import models  # noqa: F401,E402

@@ -41,7 +41,7 @@ ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-DEMO_DATA = osp.join('data', 'demo', 'shapes')
+DEMO_DATA = osp.join(ROOT, 'data', 'demo', 'shapes') + '/'
 DETECTORS = {
     'pale-t': osp.join(ROOT, 'configs', 'pale', 'mask-rcnn_pale-t_fpn_1x_coco.py'),
     'swin-t': 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py',
@@ -96,6 +96,13 @@ def ops(args):
 
 
 # ---------------------------------------------------------------------- train runs
+def _demo_data():
+    """The demo's shapes dataset (generated as tools/run_demo.py does, once)."""
+    from pale_mm.demo import ensure_dataset
+    ensure_dataset(DEMO_DATA)
+    return DEMO_DATA
+
+
 def _train(config, work_dir, options, amp=True):
     """``tools/train.py CONFIG --work-dir W [--amp] --cfg-options ...`` in a new
     process, as a user runs it; returns the process' exit status and seconds."""
@@ -144,12 +151,12 @@ DEMO_RUNS = {
 
 def demo(args):
     """The demo configs through ``tools/train.py --amp`` on the GPU, evaluated."""
-    from pale_mm.demo import DEMO_FLOORS, ensure_dataset
-    ensure_dataset(osp.join(ROOT, DEMO_DATA), 200, 50, seed=0)
+    from pale_mm.demo import DEMO_FLOORS
+    data_root = _demo_data()
     results = {}
     for task, name in DEMO_RUNS.items():
         work = osp.join(osp.abspath(args.out), f'demo-{task}')
-        options = {'data_root': osp.join(ROOT, DEMO_DATA) + '/'}
+        options = {'data_root': data_root}
         if SMOKE['on']:
             options.update({'train_cfg.max_iters': 4, 'train_cfg.val_interval': 4,
                             'default_hooks.logger.interval': 1,
@@ -169,16 +176,17 @@ def demo(args):
     return results
 
 
-def _detector_config(out_dir, name, base, res, batch, iters, amp):
-    """A config that inherits ``base`` and trains it on the shapes data (three
-    classes) resized to ``res`` (H, W), without validation or checkpoints."""
+def _detector_config(out_dir, name, base, data_root, res, batch, iters, amp):
+    """A config that inherits ``base`` and trains it on the shapes data in
+    ``data_root`` resized to ``res`` (H, W), without validation or checkpoints."""
+    from pale_mm.demo import DET_CLASSES
     h, w = res
-    data_root = osp.join(ROOT, DEMO_DATA) + '/'
     text = f'''_base_ = [{base!r}]
 custom_imports = dict(imports=['pale_mm'], allow_failed_imports=False)
 model = dict(
     backbone=dict(init_cfg=None),
-    roi_head=dict(bbox_head=dict(num_classes=3), mask_head=dict(num_classes=3)))
+    roi_head=dict(bbox_head=dict(num_classes={len(DET_CLASSES)}),
+                  mask_head=dict(num_classes={len(DET_CLASSES)})))
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
@@ -191,7 +199,7 @@ train_dataloader = dict(
     sampler=dict(type='InfiniteSampler', shuffle=True), batch_sampler=None,
     dataset=dict(
         data_root={data_root!r},
-        metainfo=dict(classes=('circle', 'square', 'triangle')),
+        metainfo=dict(classes={DET_CLASSES!r}),
         ann_file='annotations/instances_training.json',
         data_prefix=dict(img='images/training/'),
         filter_cfg=dict(filter_empty_gt=True, min_size=4),
@@ -220,13 +228,13 @@ log_processor = dict(by_epoch=False, window_size=5)
 
 def detector(args):
     """Whole Mask R-CNN training with Pale-T and with Swin-T, one after the other."""
-    from pale_mm.demo import ensure_dataset
-    ensure_dataset(osp.join(ROOT, DEMO_DATA), 200, 50, seed=0)
+    data_root = _demo_data()
     out_dir = osp.abspath(args.out)
     res, batch, iters = ((800, 1216), 2, args.iters) if not SMOKE['on'] else ((96, 128), 1, 10)
     results = dict(res=res, batch=batch, amp='bf16' if not SMOKE['on'] else None)
     for name, base in DETECTORS.items():
-        cfg = _detector_config(out_dir, name, base, res, batch, iters, amp=not SMOKE['on'])
+        cfg = _detector_config(out_dir, name, base, data_root, res, batch, iters,
+                               amp=not SMOKE['on'])
         work = osp.join(out_dir, f'detector-{name}')
         rc, secs = _train(cfg, work, {}, amp=False)  # AMP (bf16) is in the config
         train, _ = _scalars(work)
