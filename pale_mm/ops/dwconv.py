@@ -1,25 +1,31 @@
-"""Fused depthwise 3x3 convs of the Pale block for fp32 CPU inference (AVX-512 or
-AVX2).
+"""Fused depthwise 3x3 convs of the Pale block for fp32 CPU tensors (AVX-512 or
+AVX2), forward and backward.
 
 Each Pale block runs four depthwise 3x3 convs over channels-last maps: the CPE
 (``x + cpe(x)``) and PS-Attention's q, k and v convs, all three over the same
 normed map. PyTorch's oneDNN depthwise conv takes each as a separate pass, slowly
-at these sizes (about 0.18 ms per call on a 32x32x256 map here). The kernel of
-``csrc/dwconv_cpu.cpp`` keeps a channel block's weights in registers and
-computes all the outputs of one input in a single pass: the three q/k/v convs
-together, and the CPE with its residual add. Same function as ``F.conv2d`` to fp32
-rounding (``tests/ops/test_dwconv.py``).
+at these sizes (about 0.18 ms per call on a 32x32x256 map here), and in training
+computes each conv's input gradient apart, which autograd then sums. The kernels of
+``csrc/dwconv_cpu.cpp`` keep a channel block's weights in registers and compute
+all the outputs of one input in a single pass: the three q/k/v convs together, and
+the CPE with its residual add. Their backward is one pass too: the input gradient
+of all three convs (a conv of the output gradients with the kernels flipped, summed
+in registers), and the weight and bias gradients (summed per row in registers, then
+per thread). Same function and gradients as ``F.conv2d`` to fp32 rounding
+(``tests/ops/test_dwconv.py``).
 
 It is part of the CPU kernels' extension (:mod:`.kernels`: built on first use, for
 AVX-512 or AVX2 as the CPU has, not at all on CPUs with neither;
-``PALE_MM_FAST_PATHS=0`` turns it off with every other fast path) and serves
-only where no gradient is needed: CPU float32 tensors outside autocast, tracing and
-``torch.compile``. Everything else uses ``F.conv2d``. :func:`set_fused_dwconv`
-switches it at run time.
+``PALE_MM_FAST_PATHS=0`` turns it off with every other fast path) and serves CPU
+float32 tensors outside autocast, tracing and ``torch.compile``, with or without
+gradients. Everything else uses ``F.conv2d``. :func:`set_fused_dwconv` switches it
+at run time.
 """
 from typing import List, Optional
 
 import torch
+
+from torch.autograd.function import once_differentiable
 
 from . import fast_paths_enabled, is_tracing, kernels
 from .linear import autocast_on, needs_grad
@@ -38,8 +44,8 @@ def set_fused_dwconv(enabled: bool) -> bool:
 
 def can_fuse_dwconv(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     """Whether :func:`fused_dwconv3x3` serves the map ``x`` with these parameters:
-    inference (no gradient needed), fp32 CPU, outside autocast, tracing and compile."""
-    if is_tracing() or needs_grad(x, *params):
+    fp32 CPU tensors, outside autocast, tracing and compile."""
+    if is_tracing():
         return False
     tensors = (x,) + tuple(p for p in params if p is not None)
     return bool(_enabled[0] and fast_paths_enabled() and x.device.type == 'cpu'
@@ -56,7 +62,8 @@ def fused_dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     ``sets`` new contiguous ``(B, H, W, C)`` maps, set ``t`` being
     ``F.conv2d(x_nchw, weight[t*C:(t+1)*C], bias[t*C:(t+1)*C], padding=1, groups=C)``
     in channels-last layout, plus ``x`` itself with ``residual`` (``sets == 1``).
-    Call only where :func:`can_fuse_dwconv` holds."""
+    Differentiable in ``x``, ``weight`` and ``bias`` (:class:`_DwConv3x3`). Call only
+    where :func:`can_fuse_dwconv` holds."""
     B, H, W, C = x.shape
     if sets not in (1, 3) or (residual and sets != 1):
         raise ValueError(f'fused_dwconv3x3: sets must be 1 or 3 (residual only with 1), got '
@@ -69,8 +76,44 @@ def fused_dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         raise ValueError(f'fused_dwconv3x3: bias of shape {tuple(bias.shape)}, expected '
                          f'{(sets * C,)}')
     x = x.contiguous()
-    w = weight.view(sets, C, 3, 3).permute(0, 2, 3, 1).contiguous()
-    b = x.new_zeros(sets, C) if bias is None else bias.reshape(sets, C).contiguous()
+    if needs_grad(x, weight, bias):
+        return list(_DwConv3x3.apply(x, weight, bias, sets, residual))
+    return _forward(x, weight, bias, sets, residual)[0]
+
+
+def _forward(x, weight, bias, sets, residual):
+    """The kernel's outputs and its ``(sets, 3, 3, C)`` weight layout."""
+    C = x.shape[-1]
+    w = weight.detach().reshape(sets, C, 3, 3).permute(0, 2, 3, 1).contiguous()
+    b = x.new_zeros(sets, C) if bias is None else bias.detach().reshape(sets, C).contiguous()
     outs = [torch.empty_like(x) for _ in range(sets)]
-    kernels.load().dwconv3x3(x, w, b, outs, residual)
-    return outs
+    kernels.load().dwconv3x3(x.detach(), w, b, outs, residual)
+    return outs, w
+
+
+class _DwConv3x3(torch.autograd.Function):
+    """:func:`fused_dwconv3x3` with gradients: the backward kernel computes the input,
+    weight and bias gradients of all ``sets`` convs in one pass over the map. Saves
+    ``x`` (which ``F.conv2d`` would save too) and the kernel's copy of the weights."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sets, residual):
+        outs, w = _forward(x, weight, bias, sets, residual)
+        ctx.save_for_backward(x, w)
+        ctx.sets, ctx.residual, ctx.has_bias = sets, residual, bias is not None
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        x, w = ctx.saved_tensors
+        sets, C = ctx.sets, x.shape[-1]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grads = [torch.zeros_like(x) if g is None else g.contiguous() for g in grads]
+        gx = torch.empty_like(x) if need_x else None
+        gw = torch.empty_like(w) if need_w or need_b else None
+        gb = x.new_empty(sets, C) if need_w or need_b else None
+        kernels.load().dwconv3x3_backward(x, w, grads, ctx.residual, gx, gw, gb)
+        grad_w = gw.permute(0, 3, 1, 2).reshape(sets * C, 1, 3, 3) if need_w else None
+        grad_b = gb.view(sets * C) if need_b and ctx.has_bias else None
+        return gx, grad_w, grad_b, None, None

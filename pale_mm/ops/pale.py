@@ -18,8 +18,9 @@ exported. What makes it faster:
   conv; in training, the batch statistics' scale and shift go into the pointwise
   projection (:func:`_fold_batch_norm`), so no normalised copy of the map is stored.
 - **Fused elementwise work.** The residual adds go into the output GEMMs and the
-  MLP's GELU into fc1 at fp32 CPU inference (:func:`.linear.linear`, oneDNN); the CPE
-  and the q/k/v depthwise convs run in the fused kernels of :mod:`.dwconv`; in
+  MLP's GELU into fc1 at fp32 CPU inference (:func:`.linear.linear`, oneDNN); on fp32
+  CPU tensors the CPE and the q/k/v depthwise convs run in the fused kernels of
+  :mod:`.dwconv` (forward and backward); in
   training the GELU output is recomputed in the backward instead of kept
   (:class:`.linear.GeluLinear`).
 """
@@ -300,34 +301,31 @@ def _qkv(attn, x: torch.Tensor) -> List[torch.Tensor]:
     parameter-sized gradient per third and sum the three."""
     B, H, W, C = x.shape
     bn = attn.qkv_bn
-    xc = x.permute(0, 3, 1, 2)
     dw = attn.qkv_dw.weight
     fold = not bn.training
-    fused = None
     if fold:
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         shift = bn.bias - bn.running_mean * scale
-        shifts = shift.chunk(3)
         dw = dw * scale.view(-1, 1, 1, 1)
-        if can_fuse_dwconv(x, dw, shift, attn.qkv.weight, attn.qkv.bias):
-            # fp32 CPU inference: the three convs in one pass over x
-            fused = fused_dwconv3x3(x, dw, shift, sets=3)
     else:
+        shift = None  # training: the conv has no bias, and BatchNorm comes after
         bn.num_batches_tracked.add_(1)
         momentum = bn.momentum if bn.momentum is not None \
             else 1.0 / float(bn.num_batches_tracked)
         gammas, betas = bn.weight.chunk(3), bn.bias.chunk(3)
-    dws, pws = dw.chunk(3), attn.qkv.weight.chunk(3)
+    if can_fuse_dwconv(x, dw, shift):  # fp32 CPU: the three convs in one pass over x
+        convs = fused_dwconv3x3(x, dw, shift, sets=3)
+    else:
+        xc = x.permute(0, 3, 1, 2)
+        shifts = (None,) * 3 if shift is None else shift.chunk(3)
+        convs = [F.conv2d(xc, w, b, 1, 1, 1, C).permute(0, 2, 3, 1)
+                 for w, b in zip(dw.chunk(3), shifts)]
+    pws = attn.qkv.weight.chunk(3)
     pbs = (None,) * 3 if attn.qkv.bias is None else attn.qkv.bias.chunk(3)
     out = []
     for t in range(3):
-        w, b = pws[t], pbs[t]
-        if fused is not None:
-            y = fused[t]
-        elif fold:
-            y = F.conv2d(xc, dws[t], shifts[t], 1, 1, 1, C).permute(0, 2, 3, 1)
-        else:
-            y = F.conv2d(xc, dws[t], None, 1, 1, 1, C).permute(0, 2, 3, 1)
+        y, w, b = convs[t], pws[t], pbs[t]
+        if not fold:
             w, b = _fold_batch_norm(bn, y, slice(t * C, (t + 1) * C), momentum,
                                     gammas[t], betas[t], w, b)
         out.append(linear(y, w, b))

@@ -334,11 +334,18 @@ void attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k
 // dwconv_cpu.cpp, built into the same extension
 void dwconv3x3_nhwc(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
                     std::vector<torch::Tensor> outs, bool residual);
+void dwconv3x3_nhwc_backward(const torch::Tensor& x, const torch::Tensor& weight,
+                             std::vector<torch::Tensor> grads, bool residual,
+                             const std::optional<torch::Tensor>& grad_x_opt,
+                             const std::optional<torch::Tensor>& grad_w_opt,
+                             const std::optional<torch::Tensor>& grad_b_opt);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dwconv3x3", &dwconv3x3_nhwc,
         "depthwise 3x3 convs (stride 1, padding 1) of a channels-last fp32 map, T = 1 or 3 "
-        "weight sets in one pass (inference)");
+        "weight sets in one pass");
+  m.def("dwconv3x3_backward", &dwconv3x3_nhwc_backward,
+        "the backward of dwconv3x3: input, weight and bias gradients in one pass");
   m.def("forward", &attention_forward, "fused attention forward over gathered rows (fp32, head dim <= 32)");
   m.def("backward", &attention_backward, "fused attention backward over gathered rows (fp32, head dim <= 32)");
 }
