@@ -35,7 +35,7 @@ __all__ = ['ISAS', 'load', 'cpu_isa', 'available_isas', 'cpu_supports', 'set_max
 
 ISAS = ('avx512', 'avx2')  # the builds, widest first
 _CSRC = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc')
-_SOURCES = [osp.join(_CSRC, 'attention_cpu.cpp'), osp.join(_CSRC, 'dwconv_cpu.cpp')]
+_SOURCES = [osp.join(_CSRC, f) for f in ('attention_cpu.cpp', 'dwconv_cpu.cpp', 'gelu_cpu.cpp')]
 # isa -> (extension name, compiler flags); the names key the two builds' caches
 _BUILDS = {
     'avx512': ('pale_mm_cpu_avx512', ['-mavx512f', '-mfma', '-DPALE_MM_VEC=16']),

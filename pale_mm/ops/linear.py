@@ -1,13 +1,15 @@
 """oneDNN's linear for fp32 CPU inference, and the MLP's GELU recomputed in the
-backward: speed paths of :mod:`pale_mm.ops` (see :mod:`.pale` for where they are used).
+backward (on fp32 CPU tensors by the fused kernel of ``csrc/gelu_cpu.cpp``): speed
+paths of :mod:`pale_mm.ops` (see :mod:`.pale` for where they are used).
 """
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import is_tracing
+from . import fast_paths_enabled, is_tracing, kernels
 
-__all__ = ['linear', 'set_fast_cpu_linear', 'GeluLinear', 'autocast_on', 'needs_grad']
+__all__ = ['linear', 'set_fast_cpu_linear', 'set_fused_gelu', 'GeluLinear', 'autocast_on',
+           'needs_grad']
 
 
 def _find_onednn_linear(overload: str):
@@ -21,6 +23,7 @@ def _find_onednn_linear(overload: str):
 _ONEDNN_LINEAR = _find_onednn_linear('default')
 _ONEDNN_LINEAR_ADD = _find_onednn_linear('binary')  # with a binary post-op ('add')
 _fast_cpu_linear = [True]
+_fused_gelu = [True]
 
 
 def set_fast_cpu_linear(enabled: bool) -> bool:
@@ -28,6 +31,14 @@ def set_fast_cpu_linear(enabled: bool) -> bool:
     previous setting (used by the benchmark to show its effect)."""
     previous = _fast_cpu_linear[0]
     _fast_cpu_linear[0] = bool(enabled)
+    return previous
+
+
+def set_fused_gelu(enabled: bool) -> bool:
+    """Turn the fused GELU kernel of :class:`GeluLinear` on or off; returns the
+    previous setting."""
+    previous = _fused_gelu[0]
+    _fused_gelu[0] = bool(enabled)
     return previous
 
 
@@ -80,17 +91,38 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, gelu: bool = False,
     return out if residual is None else residual + out
 
 
+def _gelu_kernels(h: torch.Tensor):
+    """The CPU kernels' extension where its GELU serves ``h`` (a contiguous fp32 CPU
+    tensor, outside autocast, a build for this CPU), else ``None``."""
+    if not (_fused_gelu[0] and fast_paths_enabled() and h.device.type == 'cpu'
+            and h.dtype == torch.float32 and h.is_contiguous() and not autocast_on()):
+        return None
+    return kernels.load()
+
+
+def _gelu(h: torch.Tensor) -> torch.Tensor:
+    ext = _gelu_kernels(h)
+    if ext is None:
+        return F.gelu(h)
+    out = torch.empty_like(h)
+    ext.gelu(h, out)
+    return out
+
+
 class GeluLinear(torch.autograd.Function):
     """``F.linear(F.gelu(h), weight, bias)`` that saves ``h`` but not ``gelu(h)``:
     the backward recomputes the activation (one elementwise op) instead of keeping
     a second hidden-width tensor alive per block. Gradients are the same ops as
-    autograd's; under autocast the weight is cast like ``F.linear`` does."""
+    autograd's; under autocast the weight is cast like ``F.linear`` does. On fp32 CPU
+    tensors the GELU is the fused kernel's (``csrc/gelu_cpu.cpp``: the erf
+    approximation of PyTorch's own vectorised GELU), and the backward gets the
+    activation and the input gradient from one pass over ``h``."""
 
     @staticmethod
     def forward(ctx, h, weight, bias):
         ctx.save_for_backward(h, weight)
         ctx.has_bias = bias is not None
-        return F.linear(F.gelu(h), weight, bias)
+        return F.linear(_gelu(h), weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -98,12 +130,19 @@ class GeluLinear(torch.autograd.Function):
         h, weight = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
         grad_h = grad_w = grad_b = None
+        a = None
         if ctx.needs_input_grad[0]:
             grad_a = g.mm(weight.to(g.dtype)).view(h.shape).to(h.dtype)
-            grad_h = torch.ops.aten.gelu_backward(grad_a, h)
+            ext = _gelu_kernels(h)
+            if ext is not None and grad_a.is_contiguous():
+                a = torch.empty_like(h)
+                ext.gelu_backward(h, grad_a, a)  # grad_a becomes the input gradient
+                grad_h = grad_a
+            else:
+                grad_h = torch.ops.aten.gelu_backward(grad_a, h)
         if ctx.needs_input_grad[1]:
-            a = F.gelu(h).reshape(-1, h.shape[-1]).to(g.dtype)
-            grad_w = g.t().mm(a).to(weight.dtype)
+            a = _gelu(h) if a is None else a
+            grad_w = g.t().mm(a.reshape(-1, h.shape[-1]).to(g.dtype)).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0).to(weight.dtype)
         return grad_h, grad_w, grad_b

@@ -15,7 +15,8 @@ GFLOP/s as a fraction of this machine's fp32 GEMM rate (the best 2048^3 GEMM, BL
 or oneDNN, measured at the start and at the end of the run). On the CPU, inference
 rows also time our model with its oneDNN linear turned off (``F.linear``, as Swin
 uses), and Pale rows (inference and training) with its fused CPU kernels turned off
-(``F.scaled_dot_product_attention``, ``F.conv2d``: what a CPU without AVX2 runs).
+(``F.scaled_dot_product_attention``, ``F.conv2d``, ``F.gelu``: what a CPU without AVX2
+runs).
 Every row also times the reference model, all fast paths off (``PALE_MM_FAST_PATHS=0``).
 All variants run interleaved with the others, to show what each adds. An
 attention-level sweep times PS-Attention (its fast path), Swin window attention and global
@@ -231,7 +232,7 @@ def bench_backbones(args, device, gemm, bar):
     from pale_mm.ops import set_fast_paths
     from pale_mm.ops.attention import cpu_attention_available, set_cpu_attention
     from pale_mm.ops.dwconv import set_fused_dwconv
-    from pale_mm.ops.linear import set_fast_cpu_linear
+    from pale_mm.ops.linear import set_fast_cpu_linear, set_fused_gelu
     rows = []
     for spec in args.models:
         for res in args.res:
@@ -256,7 +257,7 @@ def bench_backbones(args, device, gemm, bar):
                         # ... and with the fused CPU kernels off (SDPA, F.conv2d), as on a
                         # CPU without AVX2
                         steps['ours_no_kernels'] = _switched_off(
-                            steps['ours'], set_cpu_attention, set_fused_dwconv)
+                            steps['ours'], set_cpu_attention, set_fused_dwconv, set_fused_gelu)
                 mem = {k: measure_peak(n, (h, w), mode, device, args.amp, batch=args.batch,
                                        compile=args.compile)
                        for k, n in (('ours', spec), ('swin', 'swin:' + SWIN_PEER[spec]))}

@@ -339,6 +339,9 @@ void dwconv3x3_nhwc_backward(const torch::Tensor& x, const torch::Tensor& weight
                              const std::optional<torch::Tensor>& grad_x_opt,
                              const std::optional<torch::Tensor>& grad_w_opt,
                              const std::optional<torch::Tensor>& grad_b_opt);
+// gelu_cpu.cpp
+void gelu_forward(const torch::Tensor& x, const torch::Tensor& out);
+void gelu_backward(const torch::Tensor& h, const torch::Tensor& grad, const torch::Tensor& act);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dwconv3x3", &dwconv3x3_nhwc,
@@ -346,6 +349,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "weight sets in one pass");
   m.def("dwconv3x3_backward", &dwconv3x3_nhwc_backward,
         "the backward of dwconv3x3: input, weight and bias gradients in one pass");
+  m.def("gelu", &gelu_forward, "exact GELU of a contiguous fp32 tensor into out");
+  m.def("gelu_backward", &gelu_backward,
+        "act = gelu(h) and grad *= gelu'(h) (in place), in one pass");
   m.def("forward", &attention_forward, "fused attention forward over gathered rows (fp32, head dim <= 32)");
   m.def("backward", &attention_backward, "fused attention backward over gathered rows (fp32, head dim <= 32)");
 }

@@ -47,6 +47,14 @@ inline vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
 inline vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 inline vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec div(vec a, vec b) { return _mm512_div_ps(a, b); }
+inline vec abs_ps(vec x) { return _mm512_abs_ps(x); }
+// |a| with the sign of s
+inline vec copy_sign(vec a, vec s) {
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(sign, _mm512_castps_si512(s),
+                                                       _mm512_castps_si512(a), 0xCA));
+}
 
 // The lanes i < k (none for k <= 0, all for k >= W).
 inline mask lanes_below(int k) {
@@ -114,6 +122,13 @@ inline vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
 inline vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
 inline vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 inline vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec div(vec a, vec b) { return _mm256_div_ps(a, b); }
+inline vec abs_ps(vec x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), x); }
+// |a| with the sign of s
+inline vec copy_sign(vec a, vec s) {
+  const vec sign = _mm256_set1_ps(-0.f);
+  return _mm256_or_ps(_mm256_andnot_ps(sign, a), _mm256_and_ps(sign, s));
+}
 
 inline mask lanes_below(int k) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
