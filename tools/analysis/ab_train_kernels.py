@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Interleaved A/B of the fused CPU training kernels: Pale-T training steps with the
+fused depthwise convs and GELU (as is), with the GELU kernel off, with both off, and
+mmdet's Swin-T, interleaved in one process; medians, and the training peak memory of
+Pale-T and Swin-T (``benchmark.measure_peak``).
+
+    python tools/analysis/ab_train_kernels.py out.json [--reps 7]
+
+Run it on a quiet machine; prefix ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+MKL_ENABLE_INSTRUCTIONS=AVX2`` for the AVX2 build.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark as bm  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument('out')
+    ap.add_argument('--reps', type=int, default=7)
+    ap.add_argument('--res', nargs='+', type=bm.parse_hw, default=[(512, 512), (800, 1216)])
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    from pale_mm.ops import kernels
+    from pale_mm.ops.dwconv import set_fused_dwconv
+    from pale_mm.ops.linear import set_fused_gelu
+    cpu = torch.device('cpu')
+    result = dict(isa=kernels.cpu_isa(), capability=torch.backends.cpu.get_cpu_capability())
+    print(result)
+    for res in args.res:
+        x = torch.randn(1, 3, *res)
+        steps = {'now': bm.make_step(bm.build_ours('pale:tiny'), x, 'train', None),
+                 'swin': bm.make_step(bm.build_swin('tiny'), x, 'train', None)}
+        steps['gelu_off'] = bm._switched_off(steps['now'], set_fused_gelu)
+        steps['both_off'] = bm._switched_off(steps['now'], set_fused_dwconv, set_fused_gelu)
+        for step in steps.values():
+            step(), step()  # warm-up
+        times = {k: [] for k in steps}
+        for _ in range(args.reps):
+            for k, step in steps.items():
+                times[k].append(bm.timed(step, cpu))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        mem = {k: bm.measure_peak(name, res, 'train', cpu) / 2 ** 20
+               for k, name in (('now', 'pale:tiny'), ('swin', 'swin:tiny'))}
+        variants = ('now', 'gelu_off', 'both_off')
+        row = dict(median_s=med, times_s=times, peak_mb=mem,
+                   **{f'{k}_over_swin': med['swin'] / med[k] for k in variants})
+        result['%dx%d' % res] = row
+        print(res, ', '.join(f"{k} {row[f'{k}_over_swin']:.3f}x" for k in variants),
+              '| peak MB', {k: round(v) for k, v in mem.items()}, flush=True)
+    with open(args.out, 'w') as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
