@@ -112,11 +112,11 @@ def _gelu(h: torch.Tensor) -> torch.Tensor:
 class GeluLinear(torch.autograd.Function):
     """``F.linear(F.gelu(h), weight, bias)`` that saves ``h`` but not ``gelu(h)``:
     the backward recomputes the activation (one elementwise op) instead of keeping
-    a second hidden-width tensor alive per block. Gradients are the same ops as
-    autograd's; under autocast the weight is cast like ``F.linear`` does. On fp32 CPU
-    tensors the GELU is the fused kernel's (``csrc/gelu_cpu.cpp``: the erf
-    approximation of PyTorch's own vectorised GELU), and the backward gets the
-    activation and the input gradient from one pass over ``h``."""
+    a second hidden-width tensor alive per block. Under autocast the weight is cast
+    like ``F.linear`` does. On fp32 CPU tensors the GELU is the fused kernel's
+    (``csrc/gelu_cpu.cpp``: the erf approximation of PyTorch's own vectorised GELU),
+    and the backward gets the activation and the input gradient from one pass over
+    ``h``; elsewhere the gradients are the same ops as autograd's."""
 
     @staticmethod
     def forward(ctx, h, weight, bias):
