@@ -27,14 +27,22 @@ namespace {
 
 using namespace pale_simd;
 
+// Rows h - 1, h and h + 1 of the map x around row r = b * H + h, as pointers
+// (nullptr for a row outside the map: its taps are zero).
+struct InputRows {
+  const float* row[3];
+  InputRows(const float* x, int64_t r, int64_t H, int64_t Wd, int64_t C)
+      : row{r % H > 0 ? x + (r - 1) * Wd * C : nullptr, x + r * Wd * C,
+            r % H + 1 < H ? x + (r + 1) * Wd * C : nullptr} {}
+  const float* operator[](int i) const { return row[i]; }
+};
+
 // One block of channels [c0, c0 + W) of rows [r0, r1); kFull: all W channels are
 // real (plain loads and stores), else the first C - c0 (masked).
 template <int T, bool kResidual, bool kFull>
 inline void dwconv_block(const float* x, const float* wt, const float* bias, float* const* out,
                          int64_t H, int64_t Wd, int64_t C, int64_t r, int64_t c0) {
-  const int64_t h = r % H;  // r = b * H + h
-  const float* rows[3] = {h > 0 ? x + (r - 1) * Wd * C : nullptr, x + r * Wd * C,
-                          h + 1 < H ? x + (r + 1) * Wd * C : nullptr};
+  const InputRows rows(x, r, H, Wd, C);
   const mask m = lanes_below(static_cast<int>(std::min<int64_t>(C - c0, W)));
   auto ld = [&](const float* p) { return kFull ? load(p) : maskz_load(m, p); };
   vec wv[T][9], bv[T];
@@ -121,9 +129,7 @@ inline void dgrad_block(const float* const* g, const float* wt, float* gx, int64
 template <bool kFull>
 inline void wgrad_block(const float* x, const float* g, float* pw, float* pb, int64_t H, int64_t Wd,
                         int64_t C, int64_t r, int64_t c0) {
-  const int64_t h = r % H;
-  const float* rows[3] = {h > 0 ? x + (r - 1) * Wd * C : nullptr, x + r * Wd * C,
-                          h + 1 < H ? x + (r + 1) * Wd * C : nullptr};
+  const InputRows rows(x, r, H, Wd, C);
   const mask m = lanes_below(static_cast<int>(std::min<int64_t>(C - c0, W)));
   auto ld = [&](const float* p) { return kFull ? load(p) : maskz_load(m, p); };
   vec aw[9], ab = zero();
@@ -171,20 +177,28 @@ void dwconv_backward_rows(const float* x, const float* const* g, const float* wt
   }
 }
 
+// The checks both entry points (`fn`) make: x a contiguous float32 CPU (B, H, W, C)
+// map, T = 1 or 3 weight sets (one per output, or per output gradient: `what`), the
+// residual form only with T = 1, and weight a contiguous float32 (T, 3, 3, C) tensor.
+void check_map_and_weights(const char* fn, const torch::Tensor& x, const torch::Tensor& weight,
+                           int T, const char* what, bool residual) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.scalar_type() == torch::kFloat &&
+                  x.device().is_cpu(),
+              "pale_mm ", fn, ": x must be a contiguous float32 CPU (B, H, W, C) tensor");
+  TORCH_CHECK(T == 1 || T == 3, "pale_mm ", fn, ": 1 or 3 ", what, ", got ", T);
+  TORCH_CHECK(!residual || T == 1, "pale_mm ", fn, ": the residual form has one output");
+  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == torch::kFloat &&
+                  weight.sizes() == torch::IntArrayRef({T, 3, 3, x.size(3)}),
+              "pale_mm ", fn, ": weight must be a contiguous float32 (T, 3, 3, C) tensor");
+}
+
 }  // namespace
 
 void dwconv3x3_nhwc(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
                     std::vector<torch::Tensor> outs, bool residual) {
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.scalar_type() == torch::kFloat &&
-                  x.device().is_cpu(),
-              "pale_mm dwconv3x3: x must be a contiguous float32 CPU (B, H, W, C) tensor");
-  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
   const int T = static_cast<int>(outs.size());
-  TORCH_CHECK(T == 1 || T == 3, "pale_mm dwconv3x3: 1 or 3 outputs, got ", T);
-  TORCH_CHECK(!residual || T == 1, "pale_mm dwconv3x3: the residual form has one output");
-  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == torch::kFloat &&
-                  weight.sizes() == torch::IntArrayRef({T, 3, 3, C}),
-              "pale_mm dwconv3x3: weight must be a contiguous float32 (T, 3, 3, C) tensor");
+  check_map_and_weights("dwconv3x3", x, weight, T, "outputs", residual);
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
   TORCH_CHECK(bias.is_contiguous() && bias.scalar_type() == torch::kFloat &&
                   bias.sizes() == torch::IntArrayRef({T, C}),
               "pale_mm dwconv3x3: bias must be a contiguous float32 (T, C) tensor");
@@ -217,19 +231,12 @@ void dwconv3x3_nhwc_backward(const torch::Tensor& x, const torch::Tensor& weight
                              const std::optional<torch::Tensor>& grad_x_opt,
                              const std::optional<torch::Tensor>& grad_w_opt,
                              const std::optional<torch::Tensor>& grad_b_opt) {
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.scalar_type() == torch::kFloat &&
-                  x.device().is_cpu(),
-              "pale_mm dwconv3x3_backward: x must be a contiguous float32 CPU (B, H, W, C) tensor");
+  const int T = static_cast<int>(grads.size());
+  check_map_and_weights("dwconv3x3_backward", x, weight, T, "gradients", residual);
   const torch::Tensor grad_x = grad_x_opt.value_or(torch::Tensor());
   const torch::Tensor grad_w = grad_w_opt.value_or(torch::Tensor());
   const torch::Tensor grad_b = grad_b_opt.value_or(torch::Tensor());
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
-  const int T = static_cast<int>(grads.size());
-  TORCH_CHECK(T == 1 || T == 3, "pale_mm dwconv3x3_backward: 1 or 3 gradients, got ", T);
-  TORCH_CHECK(!residual || T == 1, "pale_mm dwconv3x3_backward: the residual form has one output");
-  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == torch::kFloat &&
-                  weight.sizes() == torch::IntArrayRef({T, 3, 3, C}),
-              "pale_mm dwconv3x3_backward: weight must be a contiguous float32 (T, 3, 3, C) tensor");
   std::vector<const float*> gp(T);
   for (int t = 0; t < T; t++) {
     TORCH_CHECK(grads[t].is_contiguous() && grads[t].scalar_type() == torch::kFloat &&

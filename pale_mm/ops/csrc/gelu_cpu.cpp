@@ -14,8 +14,6 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include <algorithm>
-
 #include "simd.h"
 
 namespace {
