@@ -40,12 +40,7 @@ def main():
                  'swin': bm.make_step(bm.build_swin('tiny'), x, 'train', None)}
         steps['gelu_off'] = bm._switched_off(steps['now'], set_fused_gelu)
         steps['both_off'] = bm._switched_off(steps['now'], set_fused_dwconv, set_fused_gelu)
-        for step in steps.values():
-            step(), step()  # warm-up
-        times = {k: [] for k in steps}
-        for _ in range(args.reps):
-            for k, step in steps.items():
-                times[k].append(bm.timed(step, cpu))
+        times = bm.interleaved(steps, cpu, 2, args.reps)[1]
         med = {k: statistics.median(v) for k, v in times.items()}
         mem = {k: bm.measure_peak(name, res, 'train', cpu) / 2 ** 20
                for k, name in (('now', 'pale:tiny'), ('swin', 'swin:tiny'))}

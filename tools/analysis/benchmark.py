@@ -205,6 +205,22 @@ def timed(step, device):
     return time.perf_counter() - t
 
 
+def interleaved(steps, device, warmup, reps):
+    """Warm each of ``steps`` (name -> step) up ``warmup`` times, timing the first call
+    (which compiles under ``--compile``), then time them ``reps`` times, interleaved.
+    Returns ``(first_call_s, times_s)``, both keyed by name."""
+    first = {}
+    for k, step in steps.items():
+        first[k] = timed(step, device)
+        for _ in range(warmup - 1):
+            step()
+    times = {k: [] for k in steps}
+    for _ in range(reps):
+        for k, step in steps.items():
+            times[k].append(timed(step, device))
+    return first, times
+
+
 def gemm_rate(device, n=2048, reps=5):
     """Best fp32 rate of an ``n^3`` GEMM: ``a @ b`` and, on the CPU, oneDNN's linear
     (which our inference path uses, and which can beat the BLAS behind ``@``)."""
@@ -261,15 +277,7 @@ def bench_backbones(args, device, gemm, bar):
                 mem = {k: measure_peak(n, (h, w), mode, device, args.amp, batch=args.batch,
                                        compile=args.compile)
                        for k, n in (('ours', spec), ('swin', 'swin:' + SWIN_PEER[spec]))}
-                first = {}  # the first call compiles when --compile
-                for k, step in steps.items():  # warm-up
-                    first[k] = timed(step, device)
-                    for _ in range(args.warmup - 1):
-                        step()
-                times = {k: [] for k in steps}
-                for _ in range(args.reps):  # interleaved
-                    for k, step in steps.items():
-                        times[k].append(timed(step, device))
+                first, times = interleaved(steps, device, args.warmup, args.reps)
                 med = {k: statistics.median(v) for k, v in times.items()}
                 row = dict(model=spec, arch=spec.split(':')[1], swin=SWIN_PEER[spec],
                            res=f'{h}x{w}', mode=mode, batch=args.batch, compiled=args.compile)
