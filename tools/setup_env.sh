@@ -52,6 +52,28 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_KEY" ]] && check_imports 2>/de
   exit 0
 fi
 
+# Room on disk, checked before anything is written: torch (a CUDA build from PyPI) and
+# the rest fill about 6 GB of the venv, and mmcv's build about 1 GB under TMPDIR. A full
+# disk otherwise shows up as pip's "[Errno 28] No space left on device" halfway through.
+free_mb() {  # free MB on the disk that holds $1 (or the nearest folder above it)
+  local dir="$1"
+  while [[ ! -d "$dir" ]]; do dir="$(dirname "$dir")"; done
+  df -Pm "$dir" | awk 'NR == 2 {print $4}'
+}
+need_space() {  # need_space DIR MB WHAT
+  local free
+  free="$(free_mb "$1")"
+  if [[ "$free" =~ ^[0-9]+$ && "$free" -lt "$2" ]]; then
+    say "ERROR: not enough disk space for $3: it needs about $2 MB free on the disk of $1," \
+        "which has $free MB. Free some space, or point PALE_MM_VENV (the venv), TMPDIR (the" \
+        "mmcv build) or PALE_MM_CACHE (the wheel cache) at a disk with room, and rerun." >&2
+    exit 4
+  fi
+}
+if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+  need_space "$VENV" 7000 "torch, torchvision and the rest of the venv"
+fi
+
 if [[ ! -x "$VENV/bin/python" ]]; then
   say "creating virtual environment $VENV"
   "$PY" -m venv "$VENV"
@@ -98,6 +120,7 @@ if "$VENV/bin/python" -c "import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version__ 
 else
   WHEEL="$("${CUDA_ENV[@]}" pick-wheel --dir "$WHEEL_DIR" --old "$WHEEL_BASE" --kind "$MMCV_BUILD")"
   if [[ -z "$WHEEL" ]]; then
+    need_space "${TMPDIR:-/tmp}" 1500 "building mmcv"
     # the one slow step (tools/build_mmcv.sh): the plan detected above, built with
     # this venv's torch, the wheel checked and put into WHEEL_DIR
     export MMCV_VER MMCV_BUILD MMCV_CUDA_HOME MMCV_ARCH_LIST MMCV_CPATH MMCV_MAX_JOBS

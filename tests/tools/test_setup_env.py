@@ -549,6 +549,23 @@ def test_setup_env_sh_parses():
     assert r.returncode == 0, r.stderr
 
 
+def test_setup_env_refuses_a_full_disk_before_writing(tmp_path):
+    """CI once died with pip's "[Errno 28] No space left on device" while installing
+    torch; the script now says so first, naming the disk and the room it needs."""
+    _script(str(tmp_path / 'bin' / 'df'),
+            'echo "Filesystem 1048576-blocks Used Available Capacity Mounted on"\n'
+            'echo "/dev/vdx 100000 99700 300 100% /"\n')
+    venv = tmp_path / 'no' / 'venv'
+    env = {**os.environ, 'PATH': f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+           'PALE_MM_VENV': str(venv), 'PALE_MM_CACHE': str(tmp_path / 'cache')}
+    r = subprocess.run(['bash', os.path.join(ROOT, 'tools', 'setup_env.sh')], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 4, (r.stdout, r.stderr)
+    assert 'not enough disk space' in r.stderr and 'which has 300 MB' in r.stderr
+    assert str(venv) in r.stderr and 'about 7000 MB' in r.stderr
+    assert not (tmp_path / 'no').exists()  # nothing written, no venv begun
+
+
 # ---------------------------------------------------------------- the import check
 def _check_ops(machine):
     env = {'PATH': machine.bin, 'PYTHONPATH': machine.site, 'HOME': machine.root, **machine.env}
