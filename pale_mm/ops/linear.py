@@ -35,8 +35,9 @@ def set_fast_cpu_linear(enabled: bool) -> bool:
 
 
 def set_fused_gelu(enabled: bool) -> bool:
-    """Turn the fused GELU kernel of :class:`GeluLinear` on or off; returns the
-    previous setting."""
+    """Turn the fused GELU kernel on or off (:class:`GeluLinear`'s training path, and
+    :func:`linear`'s GELU at inference with the AVX2 build); returns the previous
+    setting."""
     previous = _fused_gelu[0]
     _fused_gelu[0] = bool(enabled)
     return previous
@@ -72,7 +73,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, gelu: bool = False,
     At fp32 CPU inference it runs oneDNN's linear (``mkldnn::_linear_pointwise``,
     what inductor uses on CPU) with the GELU, or the residual add, fused as a
     post-op: one pass less over the output, and on some CPUs (AMD) oneDNN's GEMM is
-    markedly faster than the BLAS behind ``F.linear``. With autograd, autocast,
+    markedly faster than the BLAS behind ``F.linear``. With the AVX2 build of the
+    CPU kernels the GELU is the fused kernel's instead, in place after the GEMM
+    (:func:`_gelu_after_gemm`). With autograd, autocast,
     tracing or on other devices it is ``F.linear`` (+ ``F.gelu``, + ``residual``).
     :func:`set_fast_cpu_linear` turns it off."""
     if not needs_grad(x, weight, bias, residual) and _onednn_ok(x, weight):
@@ -83,8 +86,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, gelu: bool = False,
             out = _ONEDNN_LINEAR_ADD(x2, residual.reshape(x2.shape[0], -1).contiguous(),
                                      weight.contiguous(), bias, 'add')
             return out.view(shape)
-        out = _ONEDNN_LINEAR(x2, weight.contiguous(), bias, 'gelu' if gelu else 'none', [],
-                             'none').view(shape)
+        gelu_ext = _gelu_after_gemm() if gelu else None
+        out = _ONEDNN_LINEAR(x2, weight.contiguous(), bias,
+                             'gelu' if gelu and gelu_ext is None else 'none', [], 'none')
+        if gelu_ext is not None:
+            gelu_ext.gelu(out, out)  # in place: the GEMM's output is a new tensor
+        out = out.view(shape)
     else:
         out = F.linear(x, weight, bias)
         out = F.gelu(out) if gelu else out
@@ -96,6 +103,20 @@ def _gelu_kernels(h: torch.Tensor):
     tensor, outside autocast, a build for this CPU), else ``None``."""
     if not (_fused_gelu[0] and fast_paths_enabled() and h.device.type == 'cpu'
             and h.dtype == torch.float32 and h.is_contiguous() and not autocast_on()):
+        return None
+    return kernels.load()
+
+
+def _gelu_after_gemm():
+    """The kernels' extension where :func:`linear`'s GELU at inference is the fused
+    kernel, run in place on oneDNN's output, instead of oneDNN's GELU post-op: with
+    the AVX2 build. oneDNN's AVX2 erf-GELU post-op is slow: on an AVX2-only AMD
+    EPYC (Zen 2) it added 1.3 ms to a 1024x256x1024 linear (4.1 ms), the kernel
+    0.46 ms, and Pale-T's forward ran 4.8% (512x512) and 2.7% (800x1216) faster
+    with it (docs/performance.md). With the AVX-512 build oneDNN's post-op stays:
+    the kernel has not been measured against it on an AVX-512 CPU. ``None``
+    elsewhere, and where :func:`set_fused_gelu` or the fast paths are off."""
+    if not (_fused_gelu[0] and fast_paths_enabled()) or kernels.cpu_isa() != 'avx2':
         return None
     return kernels.load()
 

@@ -12,6 +12,7 @@ from pale_mm.ops import fast_path, set_fast_paths
 from pale_mm.ops import linear as fast_linear
 from pale_mm.ops.pale import mlp as fast_mlp
 from tests.switches import switched_off
+from tests.tolerances import fp_tol
 
 
 def _plain(m, x):
@@ -93,20 +94,48 @@ def onednn_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def gelu_kernel_calls(monkeypatch):
+    """The fused GELU kernel's calls through :mod:`pale_mm.ops.linear`, as (in place?)."""
+    calls = []
+    load = fast_linear.kernels.load
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(load(), name)
+
+        def gelu(self, x, out):
+            calls.append(x.data_ptr() == out.data_ptr())
+            return load().gelu(x, out)
+    monkeypatch.setattr(fast_linear.kernels, 'load', lambda: Spy() if load() else None)
+    return calls
+
+
 @onednn
 @pytest.mark.parametrize('gelu', [False, True])
-def test_linear_fast_path_matches_f_linear(onednn_calls, gelu):
+def test_linear_fast_path_matches_f_linear(onednn_calls, gelu_kernel_calls, kernel_build, gelu):
+    """oneDNN's linear, with its GELU post-op, or with the AVX2 build of the CPU
+    kernels the fused GELU kernel in place after it; against float64, within fp32
+    rounding of the 48-term dot products."""
     x = torch.randn(2, 9, 11, 48)
     w, b = torch.randn(80, 48), torch.randn(80)
-    want = F.linear(x, w, b)
+    want = F.linear(x.double(), w.double(), b.double())
     want = F.gelu(want) if gelu else want
     got = fast_linear.linear(x, w, b, gelu=gelu)
-    assert onednn_calls == ['gelu' if gelu else 'none']
-    assert got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    kernel_gelu = gelu and kernel_build == 'avx2'
+    assert onednn_calls == ['gelu' if gelu and not kernel_gelu else 'none']
+    assert gelu_kernel_calls == ([True] if kernel_gelu else [])
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, **fp_tol(48, ref=want))
+    if gelu:  # the switch gives oneDNN's post-op back
+        with switched_off(fast_linear.set_fused_gelu):
+            again = fast_linear.linear(x, w, b, gelu=True)
+        assert onednn_calls[-1] == 'gelu' and len(gelu_kernel_calls) == int(kernel_gelu)
+        torch.testing.assert_close(again.double(), want, **fp_tol(48, ref=want))
     # strided input (a channel slice) and no bias
     xs = torch.randn(2, 9, 11, 96)[..., ::2]
-    torch.testing.assert_close(fast_linear.linear(xs, w), F.linear(xs, w), rtol=1e-5, atol=1e-5)
+    want = F.linear(xs.double(), w.double())
+    torch.testing.assert_close(fast_linear.linear(xs, w).double(), want, **fp_tol(48, ref=want))
 
 
 @onednn

@@ -76,12 +76,17 @@ void check(const torch::Tensor& t, const char* name) {
 
 }  // namespace
 
-// out = gelu(x) (exact, erf form); out is a new tensor of x's size.
+// out = gelu(x) (exact, erf form); out is x itself (in place: each vector is read
+// before it is written) or a tensor of x's size that does not overlap it.
 void gelu_forward(const torch::Tensor& x, const torch::Tensor& out) {
   check(x, "x");
   check(out, "out");
-  TORCH_CHECK(out.numel() == x.numel() && out.data_ptr() != x.data_ptr(),
-              "pale_mm gelu: out must be a new tensor of x's size");
+  const auto* xb = static_cast<const char*>(x.data_ptr());
+  const auto* ob = static_cast<const char*>(out.data_ptr());
+  const int64_t bytes = x.numel() * static_cast<int64_t>(sizeof(float));
+  TORCH_CHECK(out.numel() == x.numel() && (ob == xb || ob + bytes <= xb || xb + bytes <= ob),
+              "pale_mm gelu: out must be x itself or a tensor of x's size that does not "
+              "overlap it");
   const float* xp = x.data_ptr<float>();
   float* yp = out.data_ptr<float>();
   at::parallel_for(0, x.numel(), 16384, [&](int64_t i0, int64_t i1) {
