@@ -86,7 +86,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, gelu: bool = False,
             out = _ONEDNN_LINEAR_ADD(x2, residual.reshape(x2.shape[0], -1).contiguous(),
                                      weight.contiguous(), bias, 'add')
             return out.view(shape)
-        gelu_ext = _gelu_after_gemm() if gelu else None
+        gelu_ext = _gelu_after_gemm(x2) if gelu else None
         out = _ONEDNN_LINEAR(x2, weight.contiguous(), bias,
                              'gelu' if gelu and gelu_ext is None else 'none', [], 'none')
         if gelu_ext is not None:
@@ -107,18 +107,17 @@ def _gelu_kernels(h: torch.Tensor):
     return kernels.load()
 
 
-def _gelu_after_gemm():
+def _gelu_after_gemm(x2: torch.Tensor):
     """The kernels' extension where :func:`linear`'s GELU at inference is the fused
     kernel, run in place on oneDNN's output, instead of oneDNN's GELU post-op: with
-    the AVX2 build. oneDNN's AVX2 erf-GELU post-op is slow: on an AVX2-only AMD
-    EPYC (Zen 2) it added 1.3 ms to a 1024x256x1024 linear (4.1 ms), the kernel
-    0.46 ms, and Pale-T's forward ran 4.8% (512x512) and 2.7% (800x1216) faster
-    with it (docs/performance.md). With the AVX-512 build oneDNN's post-op stays:
-    the kernel has not been measured against it on an AVX-512 CPU. ``None``
-    elsewhere, and where :func:`set_fused_gelu` or the fast paths are off."""
-    if not (_fused_gelu[0] and fast_paths_enabled()) or kernels.cpu_isa() != 'avx2':
-        return None
-    return kernels.load()
+    the AVX2 build, where :func:`_gelu_kernels` serves the GEMM's output (a new
+    contiguous tensor of ``x2``'s dtype and device, so ``x2`` is asked in its place).
+    oneDNN's AVX2 erf-GELU post-op is slow: on an AVX2-only AMD EPYC (Zen 2) it added
+    1.3 ms to a 1024x256x1024 linear (4.1 ms), the kernel 0.46 ms, and Pale-T's
+    forward ran 4.8% (512x512) and 2.7% (800x1216) faster with it
+    (docs/performance.md). With the AVX-512 build oneDNN's post-op stays: the kernel
+    has not been measured against it on an AVX-512 CPU. ``None`` elsewhere."""
+    return _gelu_kernels(x2) if kernels.cpu_isa() == 'avx2' else None
 
 
 def _gelu(h: torch.Tensor) -> torch.Tensor:
