@@ -109,6 +109,30 @@ def test_aot_eager_matches_eager(_sdpa_in_eager):
     _compare_compiled('aot_eager', (2, 3, 70, 90))
 
 
+@pytest.mark.parametrize('shape', [(1, 3, 4, 64), (1, 10, 9, 64)],
+                         ids=['one-group-unpadded', 'padded-columns'])
+def test_aot_eager_with_dynamic_shapes_runs_pale_attention(shape):
+    """PS-attention compiled with ``dynamic=True`` and run by ``aot_eager`` (eager
+    kernels on the traced graph), forward and backward. At 3x4 with pale 7 each
+    branch is one group with no padding: F.pad's zero pad then clones its strided
+    input with its strides, while the trace, for sizes where the pad may not be zero,
+    had a new contiguous tensor there, and the grouping's ``reshape``, traced as a
+    view, stopped the run with "view size is not compatible with input tensor's size
+    and stride". At 10x9 the columns are padded and masked."""
+    from pale_mm.models.pale_attention import pale_attention_nhwc
+    f = torch.compile(pale_attention_nhwc, backend='aot_eager', fullgraph=True, dynamic=True)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(*shape, requires_grad=True) for _ in range(3))
+    got = f(q, k, v, (7, 7), 4)
+    want = pale_attention_nhwc(q, k, v, (7, 7), 4)
+    seq = max(shape[1], shape[2]) * 7  # the longest group: at most 7 lines of the map
+    assert_close_fp(got, want, seq)
+    g = torch.randn_like(want)
+    grads = torch.autograd.grad(got, (q, k, v), g)
+    for name, a, b in zip('qkv', grads, torch.autograd.grad(want, (q, k, v), g)):
+        assert_close_fp(a, b, seq, depth=2, msg=name)
+
+
 @pytest.mark.slow
 def test_inductor_matches_eager(_sdpa_in_eager):
     _compare_compiled('inductor', (1, 3, 64, 96))

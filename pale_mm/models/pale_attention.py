@@ -48,7 +48,12 @@ def pale_partition(x: torch.Tensor, size: int) -> torch.Tensor:
     groups, lines = pale_groups(L, size)
     x = F.pad(x, (0, 0, 0, 0, 0, groups * lines - L))
     x = x.view(B, lines, groups, W, C).transpose(1, 2)
-    return x.reshape(B * groups, lines * W, C)
+    # a copy in the grouped order, then a view: ``reshape`` would decide between a view
+    # and a copy from the strides, and those of F.pad's output differ between a zero
+    # pad (a clone that keeps the input's strides) and a real one (a new contiguous
+    # tensor); traced with symbolic sizes, the decision made for one could meet the
+    # other when the graph runs (torch.compile(dynamic=True) with aot_eager)
+    return x.clone(memory_format=torch.contiguous_format).view(B * groups, lines * W, C)
 
 
 def pale_reverse(windows: torch.Tensor, size: int, B: int, L: int, W: int) -> torch.Tensor:
