@@ -277,6 +277,12 @@ def bench_backbones(args, device, gemm, bar):
                 mem = {k: measure_peak(n, (h, w), mode, device, args.amp, batch=args.batch,
                                        compile=args.compile)
                        for k, n in (('ours', spec), ('swin', 'swin:' + SWIN_PEER[spec]))}
+                if args.compile:
+                    # each case's first call compiles from scratch: dynamo would reuse a
+                    # graph compiled for another instance of the class at the same size
+                    # (a memory probe run in this process), and after recompile_limit
+                    # (8) sizes and modes it would run the model eagerly
+                    torch._dynamo.reset()
                 first, times = interleaved(steps, device, args.warmup, args.reps)
                 med = {k: statistics.median(v) for k, v in times.items()}
                 row = dict(model=spec, arch=spec.split(':')[1], swin=SWIN_PEER[spec],
