@@ -280,8 +280,8 @@ def bench_backbones(args, device, gemm, bar):
                 if args.compile:
                     # each case's first call compiles from scratch: dynamo would reuse a
                     # graph compiled for another instance of the class at the same size
-                    # (a memory probe run in this process), and after recompile_limit
-                    # (8) sizes and modes it would run the model eagerly
+                    # (the memory probe's, which runs in this process on CUDA), and after
+                    # recompile_limit (8) sizes and modes it would run the model eagerly
                     torch._dynamo.reset()
                 first, times = interleaved(steps, device, args.warmup, args.reps)
                 med = {k: statistics.median(v) for k, v in times.items()}
