@@ -31,7 +31,8 @@ from typing import Dict, FrozenSet, Optional, Tuple
 
 import torch
 
-__all__ = ['ISAS', 'load', 'cpu_isa', 'available_isas', 'cpu_supports', 'set_max_isa']
+__all__ = ['ISAS', 'load', 'cpu_isa', 'available_isas', 'cpu_supports', 'set_max_isa',
+           'torch_capability']
 
 ISAS = ('avx512', 'avx2')  # the builds, widest first
 _CSRC = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc')
@@ -85,7 +86,10 @@ def cpu_supports(isa: str) -> bool:
         return False
 
 
-def _capability() -> str:
+def torch_capability() -> str:
+    """PyTorch's CPU capability (``torch.backends.cpu.get_cpu_capability()``: e.g.
+    ``'AVX512'``, ``'AVX2'``, lowered by ``ATEN_CPU_CAPABILITY``); ``'DEFAULT'`` on
+    torch builds that do not say."""
     try:
         return torch.backends.cpu.get_cpu_capability()
     except AttributeError:  # older torch
@@ -96,7 +100,7 @@ def available_isas() -> Tuple[str, ...]:
     """The builds this process may use, widest first: those that the CPU supports
     (:func:`cpu_supports`) and PyTorch's CPU capability allows (AVX512: both; AVX2,
     e.g. under ``ATEN_CPU_CAPABILITY=avx2``: the AVX2 build; anything else: none)."""
-    key = (_capability(), _cpu_flags[0])  # asked at every kernel call: remembered
+    key = (torch_capability(), _cpu_flags[0])  # asked at every kernel call: remembered
     if key not in _available:
         _available[key] = tuple(isa for isa in _BY_CAPABILITY.get(key[0], ())
                                 if cpu_supports(isa))

@@ -8,8 +8,8 @@ from torch.autograd.function import once_differentiable
 
 from . import fast_paths_enabled, is_tracing, kernels
 
-__all__ = ['linear', 'set_fast_cpu_linear', 'set_fused_gelu', 'GeluLinear', 'autocast_on',
-           'needs_grad']
+__all__ = ['linear', 'set_fast_cpu_linear', 'set_fused_gelu', 'set_blas_on_avx2', 'GeluLinear',
+           'autocast_on', 'needs_grad']
 
 
 def _find_onednn_linear(overload: str):
@@ -24,6 +24,9 @@ _ONEDNN_LINEAR = _find_onednn_linear('default')
 _ONEDNN_LINEAR_ADD = _find_onednn_linear('binary')  # with a binary post-op ('add')
 _fast_cpu_linear = [True]
 _fused_gelu = [True]
+_blas_on_avx2 = [True]
+# the smallest in and out features for which the AVX2 path keeps the BLAS's GEMM
+BLAS_MIN_FEATURES = 256
 
 
 def set_fast_cpu_linear(enabled: bool) -> bool:
@@ -41,6 +44,29 @@ def set_fused_gelu(enabled: bool) -> bool:
     previous = _fused_gelu[0]
     _fused_gelu[0] = bool(enabled)
     return previous
+
+
+def set_blas_on_avx2(enabled: bool) -> bool:
+    """Turn off (or back on) :func:`linear`'s use of the BLAS's GEMM instead of
+    oneDNN's for wide layers at fp32 inference where PyTorch runs at AVX2
+    (:func:`_blas_is_faster`); returns the previous setting."""
+    previous = _blas_on_avx2[0]
+    _blas_on_avx2[0] = bool(enabled)
+    return previous
+
+
+def _blas_is_faster(in_features: int, out_features: int) -> bool:
+    """Whether :func:`linear` at fp32 inference keeps ``F.linear``'s GEMM (the BLAS
+    of the torch build: MKL in the pip wheels) rather than oneDNN's: where PyTorch
+    runs at AVX2, for layers at least :data:`BLAS_MIN_FEATURES` wide on both sides.
+    On an AVX2-only AMD EPYC (Zen 2) MKL's GEMM was the faster one there
+    (1024x256x256: 152 against 144 GFLOP/s; 3800x256x256: 154 against 129), and
+    oneDNN's for narrower layers (16384x64x64: 158 against 139), so taking the BLAS
+    for the wide ones made Pale-T's forward 2-4% faster at 512x512 and 800x1216
+    (docs/performance.md). On AVX-512 CPUs oneDNN's linear stays for every width:
+    this has not been measured there, and on AMD CPUs MKL runs at AVX2 only."""
+    return (_blas_on_avx2[0] and in_features >= BLAS_MIN_FEATURES
+            and out_features >= BLAS_MIN_FEATURES and kernels.torch_capability() == 'AVX2')
 
 
 def autocast_on() -> bool:
@@ -72,13 +98,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, gelu: bool = False,
 
     At fp32 CPU inference it runs oneDNN's linear (``mkldnn::_linear_pointwise``,
     what inductor uses on CPU) with the GELU, or the residual add, fused as a
-    post-op: one pass less over the output, and on some CPUs (AMD) oneDNN's GEMM is
-    markedly faster than the BLAS behind ``F.linear``. With the AVX2 build of the
-    CPU kernels the GELU is the fused kernel's instead, in place after the GEMM
-    (:func:`_gelu_after_gemm`). With autograd, autocast,
+    post-op: one pass less over the output, and on some CPUs (an AMD EPYC with
+    AVX-512, where MKL runs at AVX2 only) oneDNN's GEMM is markedly faster than the
+    BLAS behind ``F.linear``. With the AVX2 build of the CPU kernels the GELU is the
+    fused kernel's instead, in place after the GEMM (:func:`_gelu_after_gemm`).
+    Where PyTorch runs at AVX2, layers at least :data:`BLAS_MIN_FEATURES` wide on
+    both sides keep ``F.linear``'s GEMM instead, with the GELU kernel in place after
+    it and the residual added in place (:func:`_blas_is_faster`;
+    :func:`set_blas_on_avx2` turns that off). With autograd, autocast,
     tracing or on other devices it is ``F.linear`` (+ ``F.gelu``, + ``residual``).
     :func:`set_fast_cpu_linear` turns it off."""
-    if not needs_grad(x, weight, bias, residual) and _onednn_ok(x, weight):
+    inference = not needs_grad(x, weight, bias, residual) and _onednn_ok(x, weight)
+    if inference and _blas_is_faster(weight.shape[1], weight.shape[0]):
+        out = F.linear(x.reshape(-1, x.shape[-1]), weight, bias)  # a new contiguous tensor
+        gelu_ext = _gelu_kernels(out) if gelu else None
+        if gelu_ext is not None:
+            gelu_ext.gelu(out, out)
+        elif gelu:
+            out = F.gelu(out)
+        out = out.view(*x.shape[:-1], weight.shape[0])
+        if residual is not None and residual.shape == out.shape:
+            return out.add_(residual)  # the same sums as residual + out
+        return out if residual is None else residual + out
+    if inference:
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         shape = (*x.shape[:-1], weight.shape[0])
         if residual is not None and not gelu and _ONEDNN_LINEAR_ADD is not None \

@@ -21,7 +21,7 @@ def fake_cpu(monkeypatch):
     monkeypatch.setattr(kernels, '_max_isa', [None])
 
     def fake(capability, flags):
-        monkeypatch.setattr(kernels, '_capability', lambda: capability)
+        monkeypatch.setattr(kernels, 'torch_capability', lambda: capability)
         monkeypatch.setattr(kernels, '_cpu_flags', [flags])
     return fake
 

@@ -225,3 +225,48 @@ def test_mlp_with_dropout_in_training_runs_the_reference():
     mlp = Mlp(16, 64, drop=0.5)
     x = torch.randn(2, 5, 16)
     assert fast_path(mlp.train(), x) is None and fast_path(mlp.eval(), x) is not None
+
+
+@onednn
+@pytest.mark.parametrize('capability', ['AVX2', 'AVX512'])
+def test_wide_linears_keep_the_blas_gemm_where_torch_runs_at_avx2(
+        monkeypatch, onednn_calls, gelu_kernel_calls, capability):
+    """Where PyTorch runs at AVX2, layers at least BLAS_MIN_FEATURES wide on both sides
+    take F.linear's GEMM at fp32 inference (MKL was faster there on a Zen 2), with the
+    GELU kernel in place after it and the residual added in place; narrower layers,
+    AVX-512 and the switch keep oneDNN's. Values against float64, within fp32 rounding
+    of the dot products."""
+    monkeypatch.setattr(fast_linear.kernels, 'torch_capability', lambda: capability)
+    blas = capability == 'AVX2'
+    wide = fast_linear.BLAS_MIN_FEATURES
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, wide)
+    w, b = torch.randn(wide, wide) / wide ** 0.5, torch.randn(wide)
+    r = torch.randn(2, 5, 7, wide)
+    r0 = r.clone()
+    want = F.linear(x.double(), w.double(), b.double())
+    tol = fp_tol(wide, ref=want)
+    with torch.no_grad():
+        got = fast_linear.linear(x, w, b)
+        torch.testing.assert_close(got.double(), want, **tol)
+        assert onednn_calls == ([] if blas else ['none'])
+        got = fast_linear.linear(x, w, b, gelu=True)
+        torch.testing.assert_close(got.double(), F.gelu(want), **tol)
+        kernel_gelu = fast_linear.kernels.cpu_isa() == 'avx2'  # also oneDNN's with AVX2
+        assert gelu_kernel_calls == ([True] if kernel_gelu else [])
+        got = fast_linear.linear(x, w, b, residual=r)
+        torch.testing.assert_close(got.double(), r.double() + want, **tol)
+        assert torch.equal(r, r0)  # the residual is read, not written
+        # a channel slice (strided) and no bias
+        xs = torch.randn(2, 5, 7, 2 * wide)[..., ::2]
+        want_s = F.linear(xs.double(), w.double())
+        torch.testing.assert_close(fast_linear.linear(xs, w).double(), want_s,
+                                   **fp_tol(wide, ref=want_s))
+        n_onednn = len(onednn_calls)
+        # one side narrower: oneDNN's
+        fast_linear.linear(x, w[:wide - 8])
+        fast_linear.linear(x[..., :wide - 8], w[:, :wide - 8])
+        assert len(onednn_calls) == n_onednn + 2
+        with switched_off(fast_linear.set_blas_on_avx2):
+            fast_linear.linear(x, w, b)
+        assert len(onednn_calls) == n_onednn + 3

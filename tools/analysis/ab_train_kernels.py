@@ -4,7 +4,9 @@
 kernels (as is), with the GELU kernel off, with both off, and mmdet's Swin of matching
 size, interleaved in one process; medians, and the peak memory of ours and Swin's
 (``benchmark.measure_peak``). At inference "GELU off" is oneDNN's GELU post-op
-instead of the kernel after the GEMM (which only the AVX2 build uses).
+instead of the kernel after the GEMM (which only the AVX2 build uses), and a fourth
+variant, "BLAS off", runs oneDNN's GEMM for every linear layer (where PyTorch runs at
+AVX2 the wide ones otherwise keep the BLAS's: ``pale_mm.ops.linear.set_blas_on_avx2``).
 
     python tools/analysis/ab_train_kernels.py out.json [--reps 7] [--mode infer]
         [--model lit:s] [--res 512 800x1216]
@@ -35,7 +37,7 @@ def main():
     torch.set_num_threads(2)
     from pale_mm.ops import kernels
     from pale_mm.ops.dwconv import set_fused_dwconv
-    from pale_mm.ops.linear import set_fused_gelu
+    from pale_mm.ops.linear import set_blas_on_avx2, set_fused_gelu
     cpu = torch.device('cpu')
     swin = bm.SWIN_PEER[args.model]
     result = dict(isa=kernels.cpu_isa(), capability=torch.backends.cpu.get_cpu_capability(),
@@ -47,11 +49,14 @@ def main():
                  'swin': bm.make_step(bm.build_swin(swin), x, args.mode, None)}
         steps['gelu_off'] = bm._switched_off(steps['now'], set_fused_gelu)
         steps['both_off'] = bm._switched_off(steps['now'], set_fused_dwconv, set_fused_gelu)
+        variants = ('now', 'gelu_off', 'both_off')
+        if args.mode == 'infer':
+            steps['blas_off'] = bm._switched_off(steps['now'], set_blas_on_avx2)
+            variants += ('blas_off',)
         times = bm.interleaved(steps, cpu, 2, args.reps)[1]
         med = {k: statistics.median(v) for k, v in times.items()}
         mem = {k: bm.measure_peak(name, res, args.mode, cpu) / 2 ** 20
                for k, name in (('now', args.model), ('swin', f'swin:{swin}'))}
-        variants = ('now', 'gelu_off', 'both_off')
         row = dict(median_s=med, times_s=times, peak_mb=mem,
                    **{f'{k}_over_swin': med['swin'] / med[k] for k in variants})
         result['%dx%d' % res] = row
