@@ -117,7 +117,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, gelu: bool = False,
         elif gelu:
             out = F.gelu(out)
         out = out.view(*x.shape[:-1], weight.shape[0])
-        if residual is not None and residual.shape == out.shape:
+        if residual is not None and residual.shape == out.shape \
+                and residual.dtype == out.dtype:
             return out.add_(residual)  # the same sums as residual + out
         return out if residual is None else residual + out
     if inference:

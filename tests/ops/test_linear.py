@@ -257,6 +257,8 @@ def test_wide_linears_keep_the_blas_gemm_where_torch_runs_at_avx2(
         got = fast_linear.linear(x, w, b, residual=r)
         torch.testing.assert_close(got.double(), r.double() + want, **tol)
         assert torch.equal(r, r0)  # the residual is read, not written
+        # a residual of another dtype promotes, as residual + out does
+        assert fast_linear.linear(x, w, b, residual=r.double()).dtype == torch.float64
         # a channel slice (strided) and no bias
         xs = torch.randn(2, 5, 7, 2 * wide)[..., ::2]
         want_s = F.linear(xs.double(), w.double())
