@@ -18,7 +18,9 @@ exported. What makes it faster:
   conv; in training, the batch statistics' scale and shift go into the pointwise
   projection (:func:`_fold_batch_norm`), so no normalised copy of the map is stored.
 - **Fused elementwise work.** The residual adds go into the output GEMMs and the
-  MLP's GELU into fc1 at fp32 CPU inference (:func:`.linear.linear`, oneDNN); on fp32
+  MLP's GELU into fc1 at fp32 CPU inference (:func:`.linear.linear`, oneDNN; where
+  PyTorch runs at AVX2, layers 256 wide or wider keep the BLAS's GEMM, with the GELU
+  kernel and the residual add in place after it); on fp32
   CPU tensors the CPE and the q/k/v depthwise convs run in the fused kernels of
   :mod:`.dwconv` (forward and backward); in
   training the GELU output is recomputed in the backward instead of kept
