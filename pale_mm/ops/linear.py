@@ -109,19 +109,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, gelu: bool = False,
     tracing or on other devices it is ``F.linear`` (+ ``F.gelu``, + ``residual``).
     :func:`set_fast_cpu_linear` turns it off."""
     inference = not needs_grad(x, weight, bias, residual) and _onednn_ok(x, weight)
-    if inference and _blas_is_faster(weight.shape[1], weight.shape[0]):
-        out = F.linear(x.reshape(-1, x.shape[-1]), weight, bias)  # a new contiguous tensor
-        gelu_ext = _gelu_kernels(out) if gelu else None
-        if gelu_ext is not None:
-            gelu_ext.gelu(out, out)
-        elif gelu:
-            out = F.gelu(out)
-        out = out.view(*x.shape[:-1], weight.shape[0])
-        if residual is not None and residual.shape == out.shape \
-                and residual.dtype == out.dtype:
-            return out.add_(residual)  # the same sums as residual + out
-        return out if residual is None else residual + out
-    if inference:
+    blas = inference and _blas_is_faster(weight.shape[1], weight.shape[0])
+    if inference and not blas:
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         shape = (*x.shape[:-1], weight.shape[0])
         if residual is not None and not gelu and _ONEDNN_LINEAR_ADD is not None \
@@ -137,7 +126,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, gelu: bool = False,
         out = out.view(shape)
     else:
         out = F.linear(x, weight, bias)
-        out = F.gelu(out) if gelu else out
+        # with the BLAS's GEMM at inference: the GELU kernel in place on the new output
+        gelu_ext = _gelu_kernels(out) if gelu and blas else None
+        if gelu_ext is not None:
+            gelu_ext.gelu(out, out)
+        elif gelu:
+            out = F.gelu(out)
+        if blas and residual is not None and residual.shape == out.shape \
+                and residual.dtype == out.dtype:
+            return out.add_(residual)  # the same sums as residual + out
     return out if residual is None else residual + out
 
 
