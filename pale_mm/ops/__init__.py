@@ -44,7 +44,7 @@ import torch.nn as nn
 from torch.nn.modules import module as _module
 
 __all__ = ['set_fast_paths', 'fast_paths_enabled', 'fast_path', 'register_fast_path',
-           'is_tracing', 'fx_tracing']
+           'is_tracing', 'is_exporting', 'fx_tracing']
 
 ENV = 'PALE_MM_FAST_PATHS'
 
@@ -92,8 +92,9 @@ def is_tracing() -> bool:
     return fx_tracing() or torch.onnx.is_in_onnx_export()
 
 
-def _exporting() -> bool:
-    """Under ``torch.export`` (also ``torch.onnx.export(dynamo=True)``), which
+def is_exporting() -> bool:
+    """Under ``torch.export`` (also ``torch.onnx.export``, whose default exporter
+    since torch 2.9 is built on it) or the TorchScript ONNX exporter: what
     ``torch.compiler.is_compiling()`` does not tell from ``torch.compile``."""
     is_exporting = getattr(torch.compiler, 'is_exporting', None)
     return torch.onnx.is_in_onnx_export() or (is_exporting is not None and is_exporting())
@@ -159,7 +160,7 @@ def fast_path(module: nn.Module, *args) -> Optional[Callable]:
     if not _enabled[0]:
         return None
     compiling = torch.compiler.is_compiling()
-    if (_exporting() if compiling else is_tracing()):
+    if (is_exporting() if compiling else is_tracing()):
         return None
     if not args or not all(type(a) is torch.Tensor for a in args):
         return None
