@@ -13,7 +13,6 @@ them on, a converted or hooked module must still run its own forward.
 """
 import contextlib
 import importlib.util
-import inspect
 import os
 import os.path as osp
 import re
@@ -22,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 
 import pytest
 import torch
@@ -31,6 +29,7 @@ import torch.nn as nn
 import pale_mm  # noqa: F401  (registers the timm models and the FLOP handles)
 from pale_mm.flops import count_flops
 from pale_mm.models import PaleTransformer
+from tests.backbones import assert_onnx_matches, onnx_exporter_kwargs, randomize_bn
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 # The demo's narrowed Pale-T (configs/demo): the real PaleTransformer, widths
@@ -51,21 +50,6 @@ def blocks(model):
     """``(name, block)`` of every Pale block of a backbone or classifier."""
     return [(f'stages.{i}.{j}', blk) for i, stage in enumerate(model.stages)
             for j, blk in enumerate(stage)]
-
-
-def randomize_bn(model, seed=1):
-    """Non-trivial BatchNorm statistics and affine parameters (fresh ones are 0/1, which
-    would hide an eval-mode BatchNorm that is skipped)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-    return model
 
 
 @pytest.fixture(params=[True, False], ids=['fast_paths_on', 'fast_paths_off'])
@@ -609,62 +593,22 @@ def test_torchvision_feature_extractor_pale_tiny():
 
 
 # ----------------------------------------------------------------------- ONNX
-def _export_kwargs():
-    kwargs = dict(opset_version=17)
-    if 'dynamo' in inspect.signature(torch.onnx.export).parameters:
-        kwargs['dynamo'] = False  # the TorchScript exporter, as mmdeploy uses
-    return kwargs
-
-
-def _export_and_run_onnx(tmp_path, export_kwargs, sizes):
-    """Export the small Pale backbone with ``torch.onnx.export`` at 224x224 with H and
-    W declared dynamic (``dynamic_axes``, as users and mmdeploy write it), run the
-    file in onnxruntime at each of ``sizes`` and check that each output has PyTorch's
-    shape and matches it within 1e-4 of its largest magnitude (fp32 agreement is
-    about 1e-6)."""
-    pytest.importorskip('onnx', reason='onnx is a test dependency (tools/setup_env.sh)')
-    ort = pytest.importorskip('onnxruntime',
-                              reason='onnxruntime is a test dependency (tools/setup_env.sh)')
-    model = randomize_bn(small_backbone()).eval()
-    path = str(tmp_path / 'pale.onnx')
-    outputs = [f'out{i}' for i in range(4)]
-    dynamic = {'img': {2: 'H', 3: 'W'}}
-    dynamic.update({o: {2: f'h{i}', 3: f'w{i}'} for i, o in enumerate(outputs)})
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # each exporter's advice and deprecation warnings
-        torch.onnx.export(model, (torch.randn(1, 3, 224, 224), ), path, input_names=['img'],
-                          output_names=outputs, dynamic_axes=dynamic, **export_kwargs)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
-    for h, w in sizes:
-        x = torch.randn(1, 3, h, w)
-        with torch.no_grad():
-            expected = model(x)
-        got = session.run(outputs, {'img': x.numpy()})
-        for i, (g, e) in enumerate(zip(got, expected)):
-            assert g.shape == tuple(e.shape), (h, w, i, g.shape, e.shape)
-            err = max_rel_err(torch.from_numpy(g), e)
-            assert err < 1e-4, f'{h}x{w} output {i}: error {err:.2e} of its largest magnitude'
-
-
 def test_onnx_export_dynamic_hw_matches_pytorch(tmp_path):
     """``torch.onnx.export`` with the TorchScript exporter (opset 17), as mmdeploy
     uses it, with dynamic H and W, run in onnxruntime at three sizes."""
-    _export_and_run_onnx(tmp_path, _export_kwargs(), ((224, 224), (256, 320), (97, 130)))
+    assert_onnx_matches(randomize_bn(small_backbone()), tmp_path / 'pale.onnx',
+                        ((224, 224), (256, 320), (97, 130)),
+                        **onnx_exporter_kwargs('torchscript'))
 
 
 def test_onnx_default_exporter_dynamic_hw_matches_pytorch(tmp_path):
     """``torch.onnx.export``'s default exporter since torch 2.9 (``dynamo=True``, built
-    on ``torch.export``, opset 18) with dynamic H and W. At 224x224 no stage pads its
-    pale groups; the other sizes pad (160x192, 256x320), lie outside the sizes
-    ``torch.export`` itself guards the graph to (97x130, 256x320: its ONNX file
-    keeps H and W dynamic without those guards), or have more or fewer groups. The
-    reference built the padding mask only where the traced size padded, so this
-    file gave errors of 4e-4 to 2.5e-3 at every other size, silently."""
-    if 'dynamo' not in inspect.signature(torch.onnx.export).parameters:
-        pytest.skip('this torch has only the TorchScript exporter')
-    pytest.importorskip('onnxscript', reason='the default exporter needs onnxscript '
-                                             '(a test dependency: tools/setup_env.sh)')
-    _export_and_run_onnx(tmp_path, dict(opset_version=18, dynamo=True),
-                         ((224, 224), (160, 192), (256, 320), (97, 130)))
+    on ``torch.export``) with dynamic H and W. At 224x224 no stage pads its pale
+    groups; the other sizes pad (160x192, 256x320), lie outside the sizes
+    ``torch.export`` itself guards the graph to (97x130, 256x320: its ONNX file keeps
+    H and W dynamic without those guards), or have more or fewer groups. The
+    reference built the padding mask only where the traced size padded, so this file
+    gave errors of 4e-4 to 2.5e-3 at every other size, silently."""
+    assert_onnx_matches(randomize_bn(small_backbone()), tmp_path / 'pale.onnx',
+                        ((224, 224), (160, 192), (256, 320), (97, 130)),
+                        **onnx_exporter_kwargs('dynamo'))

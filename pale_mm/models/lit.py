@@ -550,7 +550,8 @@ class LITClassifier(ClassifierMixin, LIT):
             return super()._to_nchw(feat, i, image)
         # the class-token stage: its patch tokens, on the ceil(H / 32) x ceil(W / 32) grid
         s = 2 ** (i + 2)
-        h, w = -(-image.shape[2] // s), -(-image.shape[3] // s)
+        # ceil as (n + s - 1) // s, as in scalablevit.window_key_mask
+        h, w = (image.shape[2] + s - 1) // s, (image.shape[3] + s - 1) // s
         return feat[:, 1:].reshape(feat.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:

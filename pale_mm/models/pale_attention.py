@@ -23,7 +23,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import fast_path, is_exporting, is_tracing
+from ..ops import fast_path, graph_for_all_sizes, is_tracing
 from .layers import BlockDiagonalLinear, check_heads, check_pale_size
 
 __all__ = ['pale_groups', 'pale_partition', 'pale_reverse', 'pale_key_mask',
@@ -81,10 +81,8 @@ def _branch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: i
     q, k, v = (pale_partition(t, size).unflatten(-1, (heads, -1)).transpose(1, 2)
                for t in (q, k, v))  # (B*G, heads, s*W, d)
     groups, lines = pale_groups(L, size)
-    # traced or exported, the mask is always built: the graph serves other sizes, and
-    # ``torch.onnx.export`` (built on ``torch.export`` since torch 2.9) keeps H and W
-    # dynamic but drops the guard that this test would otherwise become
-    padded = torch.jit.is_tracing() or is_exporting() or groups * lines != L
+    # traced or exported, the mask is always built: the graph serves other sizes
+    padded = graph_for_all_sizes() or groups * lines != L
     mask = pale_key_mask(B, L, W, size, q.device) if padded else None
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn_drop)
     return pale_reverse(out.transpose(1, 2).flatten(2), size, B, L, W)

@@ -27,6 +27,7 @@ from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..ops import graph_for_all_sizes
 from .arch import check_flag, check_positive_int, check_rate
 from .checkpoint import (allow_namespace_in_checkpoints, load_pretrained,
                          load_state_dict_from_checkpoint)
@@ -39,11 +40,12 @@ __all__ = ['PyramidBackbone', 'allow_namespace_in_checkpoints',
 @torch.fx.wrap
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad an NCHW map at the bottom and right to a multiple of ``multiple``
-    (``x`` itself when it already is one). A ``torch.fx`` leaf: the branch depends on
-    the input size; a module calling it by name registers it with ``torch.fx.wrap``
-    too."""
+    (``x`` itself when it already is one, except in a traced or exported graph,
+    which serves other sizes: :func:`~pale_mm.ops.graph_for_all_sizes`). A
+    ``torch.fx`` leaf: the branch depends on the input size; a module calling it by
+    name registers it with ``torch.fx.wrap`` too."""
     H, W = x.shape[-2:]
-    if H % multiple or W % multiple:
+    if graph_for_all_sizes() or H % multiple or W % multiple:
         x = F.pad(x, (0, -W % multiple, 0, -H % multiple))
     return x
 

@@ -29,6 +29,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops import graph_for_all_sizes
 from .arch import (check_flag, check_mlp_ratios, check_positive_int, check_ratio,
                    drop_path_rates, parse_arch)
 from .classifier import ClassifierMixin
@@ -44,7 +45,9 @@ __all__ = ['IWSA', 'SSA', 'ScalableViTBlock', 'PosCNN', 'ScalableViT',
 def window_key_mask(H: int, W: int, ws: int, device=None) -> torch.Tensor:
     """``(nW, ws*ws)`` bool, True for real (unpadded) tokens of the padded map's
     windows, in ``img2win`` order (windows row-major, tokens row-major)."""
-    Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
+    # ceil as (n + ws - 1) // ws: torch.onnx's default exporter (onnxscript 0.7.2) turns
+    # -(-n // ws) into a division that truncates, which floors it
+    Hp, Wp = (H + ws - 1) // ws * ws, (W + ws - 1) // ws * ws
     valid = torch.zeros(Hp, Wp, dtype=torch.bool, device=device)
     valid[:H, :W] = True
     return valid.view(Hp // ws, ws, Wp // ws, ws).transpose(1, 2).reshape(-1, ws * ws)
@@ -53,9 +56,10 @@ def window_key_mask(H: int, W: int, ws: int, device=None) -> torch.Tensor:
 @torch.fx.wrap
 def pad_windows(x: torch.Tensor, ws: int) -> torch.Tensor:
     """Zero-pad a ``(B, H, W, C)`` map at the bottom and right to multiples of ``ws``
-    (``x`` itself when it already is one; an FX leaf)."""
+    (``x`` itself when it already is one, except in a traced or exported graph:
+    :func:`~pale_mm.ops.graph_for_all_sizes`; an FX leaf)."""
     H, W = x.shape[1], x.shape[2]
-    if H % ws or W % ws:
+    if graph_for_all_sizes() or H % ws or W % ws:
         x = F.pad(x, (0, 0, 0, -W % ws, 0, -H % ws))
     return x
 
@@ -63,9 +67,11 @@ def pad_windows(x: torch.Tensor, ws: int) -> torch.Tensor:
 @torch.fx.wrap
 def padded_key_mask(x: torch.Tensor, ws: int) -> Optional[torch.Tensor]:
     """``(nW, 1, 1, ws*ws)`` mask of the real keys of the ``(B, H, W, C)`` map ``x``
-    padded to window multiples, or None when no padding is needed (an FX leaf)."""
+    padded to window multiples, or None when no padding is needed (always the mask
+    in a traced or exported graph: :func:`~pale_mm.ops.graph_for_all_sizes`; an FX
+    leaf)."""
     H, W = x.shape[1], x.shape[2]
-    if H % ws or W % ws:
+    if graph_for_all_sizes() or H % ws or W % ws:
         return window_key_mask(H, W, ws, x.device)[:, None, None, :]
     return None
 
@@ -90,13 +96,16 @@ class IWSA(nn.Module):
         ws, nh = self.ws, self.num_heads
         qkv = self.qkv(x)
         lim = self.lim_func(qkv[..., 2 * C:].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        mask = padded_key_mask(x, ws)  # nW,1,1,N or None
+        mask = padded_key_mask(x, ws)  # (windows, 1, 1, ws*ws) or None
         qkv = pad_windows(qkv, ws)
         Hp, Wp = qkv.shape[1], qkv.shape[2]
         hg, wg = Hp // ws, Wp // ws
         qkv = qkv.view(B, hg, ws, wg, ws, 3, nh, C // nh)
-        q, k, v = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, B, hg * wg, nh, ws * ws,
+        # (B * windows, heads, ws*ws, head dim): 4-D, as ONNX's attention takes it
+        q, k, v = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, B * hg * wg, nh, ws * ws,
                                                               C // nh)
+        if mask is not None:
+            mask = mask.repeat(B, 1, 1, 1)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.)
         out = out.view(B, hg, wg, nh, ws, ws, C // nh).permute(0, 1, 4, 2, 5, 3, 6)

@@ -44,7 +44,7 @@ import torch.nn as nn
 from torch.nn.modules import module as _module
 
 __all__ = ['set_fast_paths', 'fast_paths_enabled', 'fast_path', 'register_fast_path',
-           'is_tracing', 'is_exporting', 'fx_tracing']
+           'is_tracing', 'is_exporting', 'graph_for_all_sizes', 'fx_tracing']
 
 ENV = 'PALE_MM_FAST_PATHS'
 
@@ -98,6 +98,15 @@ def is_exporting() -> bool:
     ``torch.compiler.is_compiling()`` does not tell from ``torch.compile``."""
     is_exporting = getattr(torch.compiler, 'is_exporting', None)
     return torch.onnx.is_in_onnx_export() or (is_exporting is not None and is_exporting())
+
+
+def graph_for_all_sizes() -> bool:
+    """Whether the graph being recorded will run at other input sizes: traced by
+    ``torch.jit`` or exported (``torch.export``, ``torch.onnx``). A branch on the
+    input size must then take its general side (pad, mask) even where this size needs
+    neither: ``torch.onnx.export``'s default exporter (``torch.export``, torch >= 2.9)
+    keeps H and W dynamic but drops the guards such a branch becomes."""
+    return torch.jit.is_tracing() or is_exporting()
 
 
 # (module class, device type) -> (fast forward, {submodule name: its classes}, predicate,

@@ -15,7 +15,8 @@ import pale_mm  # noqa: F401
 from pale_mm.flops import count_flops, count_params, flop_analyzer
 from pale_mm.models import LIT, LITClassifier
 from pale_mm.models.lit import DeformConv2dPack, LITAttention, relative_position_index
-from tests.backbones import assert_output_pyramid
+from tests.backbones import (assert_onnx_matches, assert_output_pyramid, onnx_exporter_kwargs,
+                             randomize_bn)
 
 TINY = dict(embed_dims=16, depths=[1, 2, 1, 1], num_heads=[1, 1, 2, 2])
 TINY_TI = dict(TINY, mlp_ratios=[8, 8, 4, 4], pos_embed=True, norm_eps=1e-6)
@@ -547,6 +548,19 @@ def test_detection_tables_resized_twice_as_official(tmp_path):
 
 
 # ------------------------------------------------------------------- timm
+@pytest.mark.parametrize('layout', ['swin', 'pvt'])
+def test_onnx_default_exporter_dynamic_hw_matches_pytorch(layout, tmp_path):
+    """``torch.onnx.export``'s default exporter (``dynamo=True``; opset 19, the first with
+    ``DeformConv``) with H and W dynamic, exported at 224x224, run in onnxruntime at
+    sizes that need the stem's and the merges' zero padding (the export size needs
+    none) and at an odd one. The reference padded only where the export size did, so
+    the file gave maps one column short at 200x150. (The TorchScript exporter has no
+    conversion for torchvision's ``deform_conv2d``.)"""
+    assert_onnx_matches(randomize_bn(_small(layout)), tmp_path / 'lit.onnx',
+                        ((224, 224), (200, 150), (97, 130), (33, 17)),
+                        **onnx_exporter_kwargs('dynamo'))
+
+
 def test_timm_create_and_features_only():
     for name in ('lit_ti', 'lit_s', 'lit_m', 'lit_b'):
         assert name in timm.list_models('lit_*')

@@ -13,7 +13,8 @@ import pale_mm  # noqa: F401
 from pale_mm.flops import count_flops, count_params
 from pale_mm.models import ScalableViT, ScalableViTClassifier, allow_namespace_in_checkpoints
 from pale_mm.models.scalablevit import IWSA, SSA
-from tests.backbones import assert_output_pyramid
+from tests.backbones import (assert_onnx_matches, assert_output_pyramid, onnx_exporter_kwargs,
+                             randomize_bn)
 
 TINY = dict(embed_dims=16, depths=[2, 2, 2, 1], num_heads=[1, 2, 2, 4],
             c_ratios=[1.25, 1.25, 1.25, 1], window_sizes=3)
@@ -126,6 +127,20 @@ def test_iwsa_padding_mask_matches_dense_reference(hw):
     x = torch.randn(2, *hw, 8)
     with torch.no_grad():
         torch.testing.assert_close(attn(x), _dense_iwsa_reference(attn, x))
+
+
+@pytest.mark.parametrize('exporter', ['torchscript', 'dynamo'])
+def test_onnx_export_dynamic_hw_matches_pytorch(exporter, tmp_path):
+    """``torch.onnx.export`` with H and W dynamic, exported at 192x192 (every stage's
+    map a multiple of the window of 3: nothing padded), run in onnxruntime at sizes
+    that pad (224x224, 97x130) and at an odd one. The reference padded and masked
+    only where the export size did, took ``-(-n // ws)`` for a ceil (the default
+    exporter floors it) and gave the attention 5-D tensors: the TorchScript
+    exporter's file failed in onnxruntime at other sizes, and the default exporter
+    stopped at the attention."""
+    assert_onnx_matches(randomize_bn(_small()), tmp_path / 'scalablevit.onnx',
+                        ((192, 192), (224, 224), (97, 130), (33, 17)), export_size=(192, 192),
+                        **onnx_exporter_kwargs(exporter))
 
 
 def test_ssa_matches_explicit_formula():
