@@ -592,6 +592,26 @@ def test_torchvision_feature_extractor_pale_tiny():
         _assert_outputs_equal(f, e)
 
 
+# --------------------------------------------------------------- torch.export
+def test_torch_export_with_dynamic_hw_matches_eager_within_its_guards():
+    """``torch.export.export`` with H and W as ``Dim.AUTO``, at 224x224 (nothing padded):
+    the program matches eager at a size in its guarded band that pads every stage's
+    pale groups (160x192; the reference used to leave the mask out under export, and
+    the program then stopped there on a guard), and stops with a guard error, not a
+    wrong result, at a size outside the band (97x130: stage 3 then has one group)."""
+    from torch.export import Dim
+    model = randomize_bn(small_backbone()).eval()
+    with torch.no_grad():
+        ep = torch.export.export(model, (torch.randn(1, 3, 224, 224), ),
+                                 dynamic_shapes=({2: Dim.AUTO, 3: Dim.AUTO}, ))
+        program = ep.module()
+        for hw in ((224, 224), (160, 192)):
+            x = torch.randn(1, 3, *hw)
+            _assert_outputs_equal(program(x), model(x))
+        with pytest.raises((AssertionError, RuntimeError), match='(?i)guard'):
+            program(torch.randn(1, 3, 97, 130))
+
+
 # ----------------------------------------------------------------------- ONNX
 def test_onnx_export_dynamic_hw_matches_pytorch(tmp_path):
     """``torch.onnx.export`` with the TorchScript exporter (opset 17), as mmdeploy
