@@ -19,6 +19,11 @@ def assert_output_pyramid(model, size, expected, batch=2, width=16):
         assert o.is_contiguous() and torch.isfinite(o).all(), i
 
 
+def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b|`` relative to ``max |b|``."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
 def randomize_bn(model, seed=1):
     """Non-trivial BatchNorm statistics and affine parameters (fresh ones are 0/1, which
     would hide an eval-mode BatchNorm that is skipped)."""
@@ -79,5 +84,5 @@ def assert_onnx_matches(model, path, sizes, export_size=(224, 224), **export_kwa
         got = session.run(outputs, {'img': x.numpy()})
         for i, (g, e) in enumerate(zip(got, expected)):
             assert g.shape == tuple(e.shape), (h, w, i, g.shape, e.shape)
-            err = float((torch.from_numpy(g) - e).abs().max() / e.abs().max().clamp_min(1e-12))
+            err = max_rel_err(torch.from_numpy(g), e)
             assert err < 1e-4, f'{h}x{w} output {i}: error {err:.2e} of its largest magnitude'

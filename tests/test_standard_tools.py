@@ -29,7 +29,8 @@ import torch.nn as nn
 import pale_mm  # noqa: F401  (registers the timm models and the FLOP handles)
 from pale_mm.flops import count_flops
 from pale_mm.models import PaleTransformer
-from tests.backbones import assert_onnx_matches, onnx_exporter_kwargs, randomize_bn
+from tests.backbones import (assert_onnx_matches, max_rel_err, onnx_exporter_kwargs,
+                             randomize_bn)
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 # The demo's narrowed Pale-T (configs/demo): the real PaleTransformer, widths
@@ -61,11 +62,6 @@ def fast_paths(request):
         yield request.param
     finally:
         set_fast_paths(previous)
-
-
-def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``max |a - b|`` relative to ``max |b|``."""
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
 # --------------------------------------------------------------------- SyncBN

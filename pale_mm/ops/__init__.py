@@ -96,8 +96,9 @@ def is_exporting() -> bool:
     """Under ``torch.export`` (also ``torch.onnx.export``, whose default exporter
     since torch 2.9 is built on it) or the TorchScript ONNX exporter: what
     ``torch.compiler.is_compiling()`` does not tell from ``torch.compile``."""
-    is_exporting = getattr(torch.compiler, 'is_exporting', None)
-    return torch.onnx.is_in_onnx_export() or (is_exporting is not None and is_exporting())
+    compiler_exporting = getattr(torch.compiler, 'is_exporting', None)  # absent in older torch
+    return torch.onnx.is_in_onnx_export() or (compiler_exporting is not None
+                                              and compiler_exporting())
 
 
 def graph_for_all_sizes() -> bool:
