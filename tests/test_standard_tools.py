@@ -12,7 +12,6 @@ pale_mm's fast paths on (the default) and off (``pale_mm.ops.set_fast_paths``): 
 them on, a converted or hooked module must still run its own forward.
 """
 import contextlib
-import importlib.util
 import os
 import os.path as osp
 import re
@@ -31,6 +30,7 @@ from pale_mm.flops import count_flops
 from pale_mm.models import PaleTransformer
 from tests.backbones import (assert_onnx_matches, max_rel_err, onnx_exporter_kwargs,
                              randomize_bn)
+from tests.tools import load_tool
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 # The demo's narrowed Pale-T (configs/demo): the real PaleTransformer, widths
@@ -357,13 +357,6 @@ def test_hook_that_changes_output_changes_model_output(fast_paths, sub, mode):
 
 
 # ---------------------------------------------------------------------- FLOPs
-def _load_tool(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 PALE_T_DET = osp.join(REPO, 'configs', 'pale', 'mask-rcnn_pale-t_fpn_1x_coco.py')
 
 
@@ -417,7 +410,7 @@ def test_mmengine_flops_match_get_flops_tool(pale_t_mmengine):
     pytest.importorskip('mmdet')
     from tests.test_flops import PAPER, _hand_attention_madds
     info, analyzer, model = pale_t_mmengine
-    tool = _load_tool('pale_get_flops', osp.join(REPO, 'tools', 'analysis', 'get_flops.py'))
+    tool = load_tool('analysis/get_flops.py', 'pale_get_flops')
     params, tool_flops = tool.main([PALE_T_DET, '--shape', '224'])
     assert params == info['params']
     assert abs(info['flops'] / tool_flops - 1) < 0.01, (info['flops'], tool_flops)

@@ -1,7 +1,5 @@
 """Smoke test of tools/analysis/benchmark.py on tiny settings (not a timing test)."""
-import importlib.util
 import json
-import os
 
 import pytest
 
@@ -10,15 +8,11 @@ try:
 except ImportError:  # before pale_mm.ops
     from pale_mm.models.cpu_attention import cpu_attention_available
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.tools import load_tool
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location(
-        'benchmark', os.path.join(ROOT, 'tools', 'analysis', 'benchmark.py'))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool('analysis/benchmark.py')
 
 
 def test_fit_exponent():

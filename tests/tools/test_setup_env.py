@@ -16,23 +16,16 @@ import zipfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.tools import ROOT, load_tool
+
 CUDA_ENV = os.path.join(ROOT, 'tools', 'cuda_env.py')
 H200 = ('NVIDIA H200', (9, 0))
 A100 = ('NVIDIA A100-SXM4-80GB', (8, 0))
 ARCHS_130 = (75, 80, 86, 87, 88, 89, 90, 100, 110, 103, 120, 121)  # nvcc 13.0 --list-gpu-arch
 TORCH_HEADERS = ('cusparse.h', 'cublas_v2.h', 'cublasLt.h', 'cusolverDn.h')
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'tools', f'{name}.py'))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cuda_env = _load('cuda_env')
-build_progress = _load('build_progress')
+cuda_env = load_tool('cuda_env.py')
+build_progress = load_tool('build_progress.py')
 
 
 def _script(path, body):

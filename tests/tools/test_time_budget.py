@@ -1,26 +1,13 @@
 """Smoke test of tools/analysis/time_budget.py on a tiny input (not a timing test)."""
-import importlib.util
 import json
-import os
-import sys
 
 from pale_mm.ops import kernels
 from pale_mm.ops.attention import cpu_attention_available
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _load():
-    sys.path.insert(0, os.path.join(ROOT, 'tools', 'analysis'))
-    spec = importlib.util.spec_from_file_location(
-        'time_budget', os.path.join(ROOT, 'tools', 'analysis', 'time_budget.py'))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.tools import load_tool
 
 
 def test_time_budget_splits_pale_steps(tmp_path):
-    tb = _load()
+    tb = load_tool('analysis/time_budget.py')  # it puts its folder on sys.path
     ext = kernels.load()
     before = {n: getattr(ext, n) for n in tb.ATTENTION_FNS + tb.OTHER_FNS} if ext else {}
     out = tmp_path / 'tb.json'
