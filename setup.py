@@ -24,6 +24,6 @@ setup(
         'ftfy',
         'regex',
     ],
-    extras_require={'tests': ['pytest']},
+    extras_require={'tests': ['pytest'], 'deploy': ['onnx', 'onnxruntime', 'openvino']},
     license='Apache-2.0',
 )

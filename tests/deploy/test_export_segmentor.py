@@ -6,6 +6,9 @@ onnxruntime at several sizes (odd ones, and a batch of two) and compares it with
 mmseg's own data preprocessor and ``EncoderDecoder.encode_decode`` in PyTorch, within
 the fp32 tolerance of the model's reductions (``tests/tolerances.py``).
 """
+import os.path as osp
+
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +17,7 @@ from tests.tolerances import assert_close_fp
 from tests.tools import load_tool
 
 # (batch, H, W): the export size, a size every stage pads, odd and tiny sizes
-SIZES = ((1, 128, 128), (1, 97, 130), (2, 45, 71), (1, 33, 17), (1, 1, 1))
+SIZES = ((1, 128, 160), (1, 97, 130), (2, 45, 71), (1, 33, 17), (1, 1, 1))
 
 
 def mmseg_logits(model, img: torch.Tensor) -> torch.Tensor:
@@ -26,13 +29,32 @@ def mmseg_logits(model, img: torch.Tensor) -> torch.Tensor:
         return model.encode_decode(x, [dict(img_shape=x.shape[2:])] * len(x))
 
 
-def assert_export_matches(tmp_path, head, family, exporter, sizes=SIZES):
-    ort = onnxruntime()
+def export_segmentor(tmp_path, head, family, exporter):
+    """``(config, checkpoint, model, onnx file)``: a tiny segmentor exported with the
+    tool's command line."""
+    onnxruntime()
     export = load_tool('deploy/export.py', 'deploy_export')
     config, checkpoint, model = segmentor(tmp_path, head, family)
     out = str(tmp_path / 'model.onnx')
     export.main([config, checkpoint, '--out', out, '--exporter', exporter,
-                 '--sample-size', '128', '128'])
+                 '--sample-size', '128', '160'])
+    return config, checkpoint, model, out
+
+
+@pytest.fixture(scope='module')
+def upernet_pale(tmp_path_factory):
+    """The demo's UperNet with the narrowed Pale-T, exported once for this module."""
+    return export_segmentor(tmp_path_factory.mktemp('upernet_pale'), 'upernet', 'pale',
+                            'torchscript')
+
+
+def assert_export_matches(exported, exporter, sizes=SIZES):
+    """The file of ``exported`` (:func:`export_segmentor`) in onnxruntime equals mmseg
+    in PyTorch at each ``(batch, H, W)`` of ``sizes``."""
+    ort = onnxruntime()
+    export = load_tool('deploy/export.py', 'deploy_export')
+    config, checkpoint, model, out = exported
+    head, family = osp.splitext(osp.basename(config))[0].split('_')
     meta = export.read_metadata(out)
     assert meta['task'] == 'mmseg' and meta['outputs'] == ['seg_logits']
     assert meta['dataset_meta']['classes'][1] == 'circle'
@@ -49,22 +71,58 @@ def assert_export_matches(tmp_path, head, family, exporter, sizes=SIZES):
         assert_close_fp(got, expected, K, depth=depth, msg=f'{head} {family} {b}x{h}x{w}')
 
 
-def test_upernet_pale_one_export_every_size(tmp_path):
+def test_upernet_pale_one_export_every_size(upernet_pale):
     """The demo's UperNet with the narrowed Pale-T, TorchScript exporter (the tool's
     default): equal to PyTorch at the export size, where every stage pads its pale
     groups, at odd sizes, a batch of two and a 1x1 image. mmseg's pyramid pooling
     (adaptive average pools to 1, 2, 3, 6) would be exported for the traced size
     only; the tool exports it as averaging matrices built from the size."""
-    assert_export_matches(tmp_path, 'upernet', 'pale', 'torchscript')
+    assert_export_matches(upernet_pale, 'torchscript')
 
 
 def test_semantic_fpn_scalablevit_one_export_every_size(tmp_path):
     """mmseg's Semantic FPN with a narrowed ScalableViT, TorchScript exporter."""
-    assert_export_matches(tmp_path, 'fpn', 'scalablevit', 'torchscript')
+    assert_export_matches(export_segmentor(tmp_path, 'fpn', 'scalablevit', 'torchscript'),
+                          'torchscript')
 
 
 @pytest.mark.slow
 def test_semantic_fpn_lit_default_exporter(tmp_path):
     """Semantic FPN with a narrowed LIT: its deformable convs export with the default
-    (``torch.export``-based) exporter only (opset 19 ``DeformConv``)."""
-    assert_export_matches(tmp_path, 'fpn', 'lit', 'dynamo', SIZES[:-1])
+    (``torch.export``-based) exporter only (opset 19 ``DeformConv``). Its graph
+    serves sides of 33 or more (every map at least 2 lines long)."""
+    exported = export_segmentor(tmp_path, 'fpn', 'lit', 'dynamo')
+    assert_export_matches(exported, 'dynamo', SIZES[:3])
+    infer = load_tool('deploy/infer.py', 'deploy_infer')
+    runner = infer.build_inferencer(exported[-1])
+    with pytest.raises(ValueError, match='at least 33'):
+        runner.model.inference(torch.zeros(1, 3, 17, 40), None)
+
+
+def test_runner_matches_mmseginferencer(upernet_pale, tmp_path):
+    """``tools/deploy/infer.py`` (onnxruntime, and OpenVINO where installed) gives
+    mmseg's ``MMSegInferencer`` result on an image of odd size: the same logits
+    within the fp32 tolerance, the same class map where the two best logits are
+    apart by more than it, and the drawing."""
+    from mmseg.apis import MMSegInferencer
+
+    from tests.deploy.models import write_image
+    from tests.deploy.test_export_detector import runtimes
+    infer = load_tool('deploy/infer.py', 'deploy_infer')
+    config, checkpoint, model, out = upernet_pale
+    image = write_image(tmp_path / 'img.png', 75, 131)
+    expected = MMSegInferencer(config, checkpoint, device='cpu')(
+        image, return_datasamples=True)
+    K, depth = reductions(model)
+    for backend in runtimes():
+        got = infer.build_inferencer(out, backend)(image, return_datasamples=True)
+        logits, ref = got.seg_logits.data, expected.seg_logits.data
+        assert_close_fp(logits, ref, K, depth=depth, msg=backend)
+        top2 = ref.topk(2, dim=0).values
+        clear = (top2[0] - top2[1]) > 1e-3 * ref.abs().max()
+        labels = got.pred_sem_seg.data[0]
+        assert torch.equal(labels[clear], expected.pred_sem_seg.data[0][clear]), backend
+        result = infer.infer(out, [image], backend, str(tmp_path / backend))
+        assert np.array_equal(result['predictions'], labels.numpy())
+        assert osp.isfile(tmp_path / backend / 'vis' / 'img.png'), backend
+        assert infer.summary(result['predictions'], 0.3)[0].startswith('image 0: class')

@@ -374,7 +374,7 @@ def export_graph(module: nn.Module, path: str, args: tuple, input_names: List[st
 
 
 def export_model(model: nn.Module, cfg, scope: str, out: str, exporter: str = 'torchscript',
-                 opset: Optional[int] = None, sample_size: Tuple[int, int] = (224, 224),
+                 opset: Optional[int] = None, sample_size: Tuple[int, int] = (256, 320),
                  dataset_meta: Optional[dict] = None) -> List[str]:
     """Export ``model`` (built by :func:`load_model`) to ``out`` (and, for two-stage
     detectors, its RoI graphs next to it), with the metadata :func:`read_metadata`
@@ -383,7 +383,9 @@ def export_model(model: nn.Module, cfg, scope: str, out: str, exporter: str = 't
         raise ValueError(f'sample_size must be (H, W) >= 1, got {sample_size}')
     os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
     graphs = graph_modules(model, scope)
-    img = torch.rand(1, 3, *sample_size) * 255
+    # a batch of two and H != W: torch.export specialises a size of 1, and sizes equal
+    # in the example may be taken as equal for every input
+    img = torch.rand(2, 3, *sample_size) * 255
     paths = []
     feats = None
     for suffix, module in graphs.items():
@@ -397,8 +399,8 @@ def export_model(model: nn.Module, cfg, scope: str, out: str, exporter: str = 't
         else:
             n = module.levels
             H, W = sample_size
-            rois = torch.tensor([[0., 4., 6., 0.6 * W, 0.5 * H], [0., 1., 2., 20., 30.],
-                                 [0., 0., 0., W - 1., H - 1.]])
+            rois = torch.tensor([[0., 4., 6., 0.6 * W, 0.5 * H], [1., 1., 2., 20., 30.],
+                                 [1., 0., 0., W - 1., H - 1.]])
             args = tuple(feats[:n]) + (rois, )
             names = [f'feat_{i}' for i in range(n)] + ['rois']
             dynamic = {f'feat_{i}': {0: 'batch', 2: f'h{i}', 3: f'w{i}'} for i in range(n)}
@@ -492,9 +494,10 @@ def parse_args(argv=None):
                              "write)")
     parser.add_argument('--opset', type=int, default=None,
                         help=f'ONNX opset (default {DEFAULT_OPSET})')
-    parser.add_argument('--sample-size', type=int, nargs=2, default=(224, 224),
+    parser.add_argument('--sample-size', type=int, nargs=2, default=(256, 320),
                         metavar=('H', 'W'), help='the example input size the exporter '
-                                                 'traces (the file serves every size)')
+                                                 'traces (the file serves every size; '
+                                                 'keep H != W for the default exporter)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override settings in the config, key=value')
     return parser.parse_args(argv)
