@@ -44,8 +44,7 @@ __all__ = ['pale_attention_qkv', 'PaleAttentionFunction', 'compiled_op', 'MAX_HE
 
 MAX_HEAD_DIM = 128
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the dtypes the kernels take
-BLOCK_M = 64
-BLOCK_N = 64
+BLOCK_M = 64  # queries per program (keys per program in the dk/dv kernel)
 # the arguments that change with the input size: Triton does not specialise on them,
 # so one compiled kernel serves all sizes (C, heads and d, fixed per stage, it does)
 _SIZES = ['n0', 'B', 'H', 'W', 'G0', 'F0', 'NA0', 'NB0', 'S0', 'G1', 'F1', 'NA1', 'NB1', 'S1']
@@ -248,14 +247,31 @@ def _precision(dtype: torch.dtype):
     return 'tf32' if torch.backends.cuda.matmul.allow_tf32 else 'ieee'
 
 
+def _key_block(dtype: torch.dtype, block_d: int) -> Tuple[int, int]:
+    """``(BLOCK_N, num_warps)``: the keys per step (queries per step in the dk/dv
+    kernel) and the warps per program. bf16/fp16 take 64 keys on 4 warps. fp32 tiles
+    take twice the registers, and full-fp32 products (``ieee``, on the FMA units) hold
+    both operands in registers: at 64 keys all three kernels spilled registers on sm80
+    and sm90. So fp32 takes 32 keys, and 16 keys on 8 warps for padded head dims 64
+    and 128 (at 128 the dq kernel still spills). tests/ops/test_triton_compile.py
+    compiles the kernels for sm80, sm90 and sm100 at head dims 24 and 32 and fails on
+    a spill; docs/performance.md has the figures."""
+    if dtype != torch.float32:
+        return 64, 4
+    return (32, 4) if block_d <= 32 else (16, 8)
+
+
 def _meta(qkv: torch.Tensor, heads: int):
+    """The launch settings of the three kernels (the forward adds ``num_stages=2``,
+    the backward ``num_stages=1``), and the head dim."""
     C = qkv.shape[-1]
     d = C // 2 // heads
     common = math.gcd(d, C // 2)
-    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                BLOCK_D=max(16, triton.next_power_of_2(d)),
+    block_d = max(16, triton.next_power_of_2(d))
+    block_n, warps = _key_block(qkv.dtype, block_d)
+    return dict(BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=block_d,
                 PRECISION=_precision(qkv.dtype), ALIGN=min(16, common & -common),
-                num_warps=4), d
+                num_warps=warps), d
 
 
 def _forward(qkv, pale_size, heads, scale):
