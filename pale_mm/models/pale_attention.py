@@ -23,7 +23,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import fast_path, graph_for_all_sizes, is_tracing
+from ..ops import export_path, fast_path, graph_for_all_sizes, is_tracing
 from .layers import BlockDiagonalLinear, check_heads, check_pale_size
 
 __all__ = ['pale_groups', 'pale_partition', 'pale_reverse', 'pale_key_mask',
@@ -97,7 +97,11 @@ def pale_attention_nhwc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``[C/2:]`` within column groups of ``pale_size[1]`` columns, each branch with
     ``num_heads // 2`` heads of ``C / num_heads`` channels, scaled by
     ``head_dim ** -0.5``. (A leaf for ``torch.fx``: its shape arithmetic is not
-    symbolic.)"""
+    symbolic.) Exported to ONNX with the fast paths on, the file holds
+    :func:`pale_mm.ops.export.pale_attention_onnx`, the same function in fewer ops."""
+    exported = export_path('pale_attention_nhwc')
+    if exported is not None:
+        return exported(q, k, v, pale_size, num_heads, attn_drop)
     c, heads = q.shape[-1] // 2, num_heads // 2
     rows = _branch_attention(q[..., :c], k[..., :c], v[..., :c], pale_size[0], heads,
                              attn_drop)

@@ -34,6 +34,12 @@ could differ from what a standard tool expects to see:
 - the module or any of its submodules has been converted or replaced (e.g.
   ``nn.SyncBatchNorm.convert_sync_batchnorm``, ``fuse_conv_bn``, parametrizations),
   or carries a hook (or a global module hook is registered).
+
+For ONNX export, a reference *function* may name an export path instead
+(:func:`export_path`): while ``torch.onnx.export`` runs (either exporter) with the
+fast paths on, it hands over to a function that computes the same values as graph
+ops that the runtimes run faster (:mod:`.export`: the pale attention); with the fast
+paths off the file holds the reference's graph.
 """
 import functools
 import os
@@ -44,7 +50,8 @@ import torch.nn as nn
 from torch.nn.modules import module as _module
 
 __all__ = ['set_fast_paths', 'fast_paths_enabled', 'fast_path', 'register_fast_path',
-           'is_tracing', 'is_exporting', 'graph_for_all_sizes', 'fx_tracing']
+           'is_tracing', 'is_exporting', 'graph_for_all_sizes', 'fx_tracing',
+           'register_export_path', 'export_path']
 
 ENV = 'PALE_MM_FAST_PATHS'
 
@@ -181,3 +188,27 @@ def fast_path(module: nn.Module, *args) -> Optional[Callable]:
     if (compiling and not compiles) or not (_as_built(module, layout) and applies(module)):
         return None
     return functools.partial(fn, module)
+
+
+# reference function name -> the function torch.onnx writes instead (pale_mm.ops.export)
+_EXPORT_PATHS: Dict[str, Callable] = {}
+
+
+def register_export_path(name: str):
+    """Decorator: the function is what ``torch.onnx.export`` writes for the reference
+    function ``name`` (same arguments, same values at every input size) while the
+    fast paths are on."""
+    def register(fn):
+        _EXPORT_PATHS[name] = fn
+        return fn
+    return register
+
+
+def export_path(name: str) -> Optional[Callable]:
+    """The export form of the reference function ``name``, or ``None`` (the reference
+    runs): ``None`` unless ``torch.onnx.export`` is running (TorchScript or
+    ``torch.export``-based exporter) and the fast paths are on."""
+    if not (_enabled[0] and torch.onnx.is_in_onnx_export()):
+        return None
+    from . import export  # noqa: F401  (registers the export forms on first use)
+    return _EXPORT_PATHS.get(name)
