@@ -24,7 +24,7 @@ import torch
 
 import pale_mm  # noqa: F401
 from pale_mm.models.checkpoint import CheckpointError
-from tests.models.test_lit import _random_state, official_lit_smb_shapes, official_lit_ti_shapes
+from tests.lit_official import official_lit_smb_shapes, official_lit_ti_shapes, random_state
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -144,11 +144,11 @@ def _official_lit_checkpoint(name):
     wrapper of the official training code (LIT-S/M/B: Swin's ``model`` / ``epoch`` /
     ``max_accuracy``; LIT-Ti: DeiT's ``model`` / ``epoch`` / ``args`` Namespace)."""
     if name == 'lit_ti':
-        state = _random_state(official_lit_ti_shapes([64, 128, 320, 512], [3, 4, 6, 3],
+        state = random_state(official_lit_ti_shapes([64, 128, 320, 512], [3, 4, 6, 3],
                                                      [8, 8, 4, 4]))
         return state, {'model': state, 'epoch': 299,
                        'args': argparse.Namespace(model='lit_ti', input_size=224)}
-    state = _random_state(official_lit_smb_shapes([96, 192, 384, 768], [2, 2, 6, 2],
+    state = random_state(official_lit_smb_shapes([96, 192, 384, 768], [2, 2, 6, 2],
                                                   [3, 6, 12, 24]))
     return state, {'model': state, 'epoch': 299, 'max_accuracy': 81.5}
 
@@ -221,12 +221,23 @@ def test_config_init_cfg_loads_the_official_checkpoint(how, served):
     backbone.init_weights()
     if how == 'url':  # downloaded into torch.hub's cache, where timm looks too
         assert osp.isfile(osp.join(torch.hub.get_dir(), 'checkpoints', 'lit_ti.pth'))
+    # the config's backbone is the official detection LIT-Ti's, without output norms:
+    # every tensor comes from the checkpoint (its final norm and head are not used)
+    own = backbone.state_dict()
+    assert set(own) <= set(state)
+    for k in own:
+        assert torch.equal(own[k], state[k]), k
+    # with a norm on every output, those are the ones left at their initial values,
+    # except the last: the classifier's final norm is the last output norm
+    cfg.model.backbone.out_norm_indices = None
+    backbone = MODELS.build(cfg.model.backbone)
+    backbone.init_weights()
     own = backbone.state_dict()
     loaded = [k for k in state if k in own]
     assert len(loaded) == len(own) - 8  # all but the output norms norm0..norm3 (+ head)
     for k in loaded:
         assert torch.equal(own[k], state[k]), k
-    for p in ('weight', 'bias'):  # the classifier's final norm is the last output norm
+    for p in ('weight', 'bias'):
         assert torch.equal(own[f'norm3.{p}'], state[f'norm.{p}'])
 
 

@@ -13,6 +13,15 @@ per-stage output norms ``norm{i}``; the classifier's final ``norm`` (a LayerNorm
 the last stage, the same place as the last output norm) is loaded into
 ``norm{last}`` when that output is used, and ``head.*`` is dropped. Shape mismatches
 raise an error naming the key and both shapes.
+
+``check_backbone_state`` is the other direction: a whole detector / segmentor
+checkpoint (``load_from``, ``tools/test.py CONFIG CHECKPOINT``, an Inferencer's
+weights) loaded into a model with one of these backbones. mmengine loads those with
+``strict=False`` and only logs a warning for missing, unexpected or mismatched
+tensors, which would leave a backbone tensor at its initial value and every output
+wrong. The backbones' ``_load_from_state_dict`` calls it, so such a load stops with
+an error that names the tensors instead; the backbone's own
+``load_state_dict(..., strict=False)`` still loads a part on purpose.
 """
 import argparse
 import os
@@ -23,7 +32,8 @@ from typing import Optional
 import torch
 
 __all__ = ['allow_namespace_in_checkpoints', 'unwrap_state_dict',
-           'load_state_dict_from_checkpoint', 'load_pretrained', 'CheckpointError']
+           'load_state_dict_from_checkpoint', 'load_pretrained', 'check_backbone_state',
+           'CheckpointError']
 
 
 class CheckpointError(ValueError):
@@ -194,6 +204,8 @@ def load_pretrained(model, cfg: dict, logger='current') -> dict:
         raise CheckpointError(
             f'{name}: checkpoint {filename} lacks {len(required)} backbone tensors, e.g. '
             f'{required[:5]}; only the output norms norm0..norm{last} may be missing')
+    # not strict (so not check_backbone_state): the output norms may stay at their
+    # initial values
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     summary = dict(loaded=shared, missing=missing, unexpected=unexpected + dropped)
     print_log(f'{name}: loaded {shared} tensors from {filename}'
@@ -201,3 +213,65 @@ def load_pretrained(model, cfg: dict, logger='current') -> dict:
               f'missing, kept at init: {missing or "none"}; '
               f'unexpected, ignored: {summary["unexpected"] or "none"}', logger=logger)
     return summary
+
+
+def _list(keys, n=8) -> str:
+    keys = sorted(keys)
+    return f'{keys[:n]}' + (f' and {len(keys) - n} more' if len(keys) > n else '')
+
+
+def check_backbone_state(model, state_dict: dict, prefix: str = ''):
+    """Check that the tensors of ``state_dict`` under ``prefix`` (e.g. ``'backbone.'``
+    in a detector's checkpoint) are exactly ``model``'s, with its shapes: no tensor
+    missing (BatchNorm's ``num_batches_tracked`` excepted), none unexpected (except
+    what ``model._checkpoint_only_keys`` names, such as LIT's official
+    ``relative_position_index`` buffers), no shape different. Otherwise raise a
+    :class:`CheckpointError` that names them and, where it can tell, the setting that
+    makes the model fit (``out_norm_indices``, ``pretrain_img_size``)."""
+    name = type(model).__name__
+    own = model.state_dict()
+    given = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not given:
+        tops = sorted({k.split('.')[0] + '.' for k in state_dict})[:8]
+        raise CheckpointError(
+            f'{name}: the checkpoint holds none of the backbone\'s {len(own)} tensors '
+            f'(expected keys starting with {prefix!r}; its keys start with {tops}), so '
+            f'the backbone would keep its initial weights')
+    extra = model._checkpoint_only_keys(given, own)
+    missing = [k for k in own if k not in given and not k.endswith('num_batches_tracked')]
+    unexpected = [k for k in given if k not in own and k not in extra]
+    mismatched = [f'{prefix}{k}: checkpoint {tuple(given[k].shape)} vs model '
+                  f'{tuple(own[k].shape)}' for k in given
+                  if k in own and given[k].shape != own[k].shape]
+    if not (missing or unexpected or mismatched):
+        return
+    problems = []
+    if missing:
+        problems.append(f'missing from the checkpoint (they would keep their initial '
+                        f'values): {_list(prefix + k for k in missing)}')
+    if unexpected:
+        problems.append(f'in the checkpoint but not in the model: '
+                        f'{_list(prefix + k for k in unexpected)}')
+    if mismatched:
+        problems.append(f'shapes differ: {_list(mismatched, 4)}')
+    hints = []
+    norms = sorted({int(k.split('.')[0][4:]) for k in given
+                    if k.split('.')[0][4:].isdigit() and k.startswith('norm')})
+    if 'head.weight' in given or 'norm.weight' in given:
+        hints.append("it looks like a classifier's state dict: load it with the backbone's "
+                     "init_cfg=dict(type='Pretrained', checkpoint=...), which starts the "
+                     "output norms at their initial values")
+    elif norms != list(model.out_norm_indices):
+        hints.append(f'the checkpoint has output norms on stages {tuple(norms)}, the model '
+                     f'on {tuple(model.out_norm_indices)}: set out_norm_indices='
+                     f'{tuple(norms)} in the backbone (the official LIT detection code has '
+                     f'no norm0, LIT-Ti no output norms: configs/lit/README.md)')
+    if any(k.split(':')[0].endswith(('relative_position_bias_table', 'pos_embed1'))
+           for k in mismatched) and hasattr(model, 'pretrain_img_size'):
+        hints.append(f'position tables differ in size: the model sizes them for '
+                     f'pretrain_img_size={model.pretrain_img_size}; set the size the '
+                     f'checkpoint was trained with (official LIT: 800 for detection, '
+                     f'512 for segmentation)')
+    raise CheckpointError(
+        f'{name}: the checkpoint does not fit the backbone, whose outputs would be '
+        f'wrong: ' + '; '.join(problems) + ''.join(f'. Hint: {h}' for h in hints))

@@ -46,6 +46,9 @@ class ClassifierMixin:
     default_drop_path_rate: float = 0.1
     pools = ('avg', '')
     head_defaults: Dict[str, object] = {}  # head arguments (not the backbone's) and defaults
+    # loading is torch's and timm's (strict, or not where timm drops a head on purpose),
+    # not the dense backbone's whole-checkpoint check
+    _check_loaded_state = False
 
     def __init__(self, arch=None, num_classes: int = 1000, in_chans: int = 3,
                  global_pool: Optional[str] = None, drop_rate: float = 0.,

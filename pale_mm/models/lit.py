@@ -4,7 +4,9 @@ Stages 1-2 are MLP-only blocks (no token mixing), stages 3-4 global multi-head
 self-attention. Between stages, deformable token merging (DTM): a 2x2/s2 DCNv1
 (``torchvision.ops.deform_conv2d``; offsets from a zero-initialised conv) + BatchNorm
 + GELU. Odd maps are zero-padded to even size before a merge (so stage ``i`` has
-``ceil(H / 2^(i+2))`` rows; identical to the official code on even sizes).
+``ceil(H / 2^(i+2))`` rows; identical to the official code on even sizes), or, with
+``size_rounding='floor'``, lose their last row or column as in the official
+detection and segmentation code (its merges are unpadded stride-2 convs).
 
 Two layouts, both with the official parameter names (official checkpoints load by
 ``init_cfg=dict(type='Pretrained', checkpoint=...)``):
@@ -25,6 +27,11 @@ Official LIT-S/M/B classification checkpoints also hold each attention's
 ``relative_position_index`` buffer. This code computes the index instead: loading
 (``load_state_dict``, ``init_cfg``, timm) checks that a checkpoint's index equals the
 computed one and drops it (a ``ValueError`` names the key and the shapes otherwise).
+
+The official downstream backbones differ from the classifiers in their output norms
+(detection LIT-S: ``norm1``-``norm3`` and none on stage 0; segmentation LIT-S:
+``norm0``-``norm3``; LIT-Ti: none), chosen here by ``out_norm_indices``, and in the
+size their relative position tables are built for (``pretrain_img_size``, below).
 
 Relative position tables at other sizes, as the official detection code does it:
 the tables are sized for ``pretrain_img_size`` (the official detection backbone sizes
@@ -117,16 +124,20 @@ class DeformConv2dPack(nn.Module):
 class DeformableTokenMerging(nn.Module):
     """DTM: ``(B, H, W, C_in)`` -> 2x2/s2 deformable conv -> BN -> GELU ->
     ``(B, ceil(H/2), ceil(W/2), C_out)`` (odd sizes are zero-padded at the bottom and
-    right first)."""
+    right first), or ``(B, floor(H/2), floor(W/2), C_out)`` with ``pad=False`` (the
+    official downstream code: an odd last row or column is dropped)."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, pad: bool = True):
         super().__init__()
+        self.pad = pad
         self.dconv = DeformConv2dPack(in_channels, out_channels, 2, 2, 0)
         self.norm_layer = nn.BatchNorm2d(out_channels)
         self.act_layer = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = pad_to_multiple(x.permute(0, 3, 1, 2), 2)
+        x = x.permute(0, 3, 1, 2)
+        if self.pad:
+            x = pad_to_multiple(x, 2)
         x = self.act_layer(self.norm_layer(self.dconv(x)))
         return x.permute(0, 2, 3, 1)
 
@@ -185,6 +196,22 @@ def abs_pos_embed(pos: torch.Tensor, grid: int, x: torch.Tensor) -> torch.Tensor
         pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(H, W), mode='bilinear',
                             align_corners=False).permute(0, 2, 3, 1)
     return pos
+
+
+@torch.fx.wrap
+def check_floor_size(x: torch.Tensor, stem_floors: bool, num_stages: int) -> torch.Tensor:
+    """``x`` (an NCHW image) when every stage of an unpadded (``size_rounding='floor'``)
+    LIT keeps at least one row and column: the stem's ``H // 4`` (``stem_floors``,
+    LIT-Ti) or ``ceil(H / 4)`` rows, halved and floored by each merge; a ``ValueError``
+    naming the size otherwise (FX leaf: the sizes are data)."""
+    for side in x.shape[-2:]:
+        rows = side // 4 if stem_floors else -(-side // 4)
+        if rows >> (num_stages - 1) < 1:
+            least = 4 << (num_stages - 1) if stem_floors else 4 * ((1 << (num_stages - 1)) - 1) + 1
+            raise ValueError(f'LIT with size_rounding=\'floor\' needs images of at least '
+                             f'{least}x{least} (each merge drops an odd last row), got '
+                             f'{tuple(x.shape[-2:])}')
+    return x
 
 
 def check_rel_pos_index(key: str, index: torch.Tensor, table: Optional[torch.Tensor]):
@@ -314,7 +341,9 @@ class LIT(PyramidBackbone):
             embeddings, default False) and ``norm_eps`` (> 0).
         in_channels (int): image channels. Default 3.
         pretrain_img_size (int): image size the position embeddings / relative
-            position tables are sized for (and interpolated from). Default 224.
+            position tables are sized for (and interpolated from), at least 32: stage
+            ``i``'s grid is ``pretrain_img_size // 4 // 2**i``, floored as in the
+            official code. Default 224.
         qkv_bias (bool): bias in the QKV projection. Default True.
         drop_rate, attn_drop_rate (float): dropout rates, in ``[0, 1)``. Default 0.
         drop_path_rate (float): stochastic depth over all blocks, in ``[0, 1)``.
@@ -322,6 +351,16 @@ class LIT(PyramidBackbone):
         out_indices, frozen_stages, norm_eval, with_cp, pretrained, init_cfg: as for
             ``PaleTransformer``. ``frozen_stages=k`` freezes the stem and stages
             ``0..k-1`` with the merges (and position embeddings) in front of them.
+        out_norm_indices (Sequence[int] | None): the outputs that get a LayerNorm
+            ``norm{i}``: all of ``out_indices`` (None, default), or a subset, possibly
+            empty. The official downstream backbones: ``(1, 2, 3)`` for detection
+            LIT-S, ``(0, 1, 2, 3)`` for segmentation LIT-S, ``()`` for LIT-Ti.
+        size_rounding (str): ``'ceil'`` (default): odd maps are zero-padded before
+            each merge (and images to a multiple of 4 before the stem), so stage ``i``
+            has ``ceil(H / 2**(i+2))`` rows. ``'floor'``: as the official detection and
+            segmentation code, each merge drops an odd last row or column, and so
+            does LIT-Ti's stem (``H // 4`` rows; LIT-S/M/B's stem pads to a multiple
+            of 4 there too). The same on sizes divisible by 32.
     """
     arch_zoo = {
         'ti': dict(embed_dims=[64, 128, 320, 512], depths=[3, 4, 6, 3], num_heads=[1, 2, 5, 8],
@@ -336,7 +375,8 @@ class LIT(PyramidBackbone):
                  qkv_bias: bool = True, drop_rate: float = 0., attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.1, out_indices: Sequence[int] = (0, 1, 2, 3),
                  frozen_stages: int = -1, norm_eval: bool = False, with_cp: bool = False,
-                 pretrained=None, init_cfg=None):
+                 pretrained=None, init_cfg=None, out_norm_indices=None,
+                 size_rounding: str = 'ceil'):
         arch = self.parse_arch(arch)
         self.embed_dims: List[int] = arch['embed_dims']
         self.depths: List[int] = arch['depths']
@@ -346,18 +386,21 @@ class LIT(PyramidBackbone):
         super().__init__(in_channels, len(self.depths), out_indices, frozen_stages, norm_eval,
                          with_cp, pretrained, init_cfg, drop_rate=drop_rate,
                          attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
-                         qkv_bias=qkv_bias)
+                         qkv_bias=qkv_bias, out_norm_indices=out_norm_indices)
         self.abs_pos_embed: bool = arch['pos_embed']
         self.norm_eps: float = arch['norm_eps']
+        least = 4 << (self.num_stages - 1)
         if isinstance(pretrain_img_size, bool) or not isinstance(pretrain_img_size, int) or \
-                pretrain_img_size < 4:
-            raise ValueError(f'pretrain_img_size must be an int >= 4, got {pretrain_img_size!r}')
+                pretrain_img_size < least:
+            raise ValueError(f'pretrain_img_size must be an int >= {least} (one table row '
+                             f'in the last of {self.num_stages} stages), got '
+                             f'{pretrain_img_size!r}')
+        if size_rounding not in ('ceil', 'floor'):
+            raise ValueError(f"size_rounding must be 'ceil' or 'floor', got {size_rounding!r}")
+        self.size_rounding = size_rounding
         self.pretrain_img_size = pretrain_img_size
-        grid = -(-pretrain_img_size // 4)
-        self.pretrain_grids = []
-        for i in range(self.num_stages):
-            self.pretrain_grids.append(grid)
-            grid = -(-grid // 2)
+        # floored per stage, as the official code sizes them
+        self.pretrain_grids = [pretrain_img_size // 4 >> i for i in range(self.num_stages)]
 
         dpr = drop_path_rates(drop_path_rate, self.depths)
         cursor, stages = 0, []
@@ -384,7 +427,8 @@ class LIT(PyramidBackbone):
                 if k == 1:
                     embed = ConvPatchEmbed(in_channels, dim, 4, 4, 0)
                 else:
-                    embed = DeformableTokenMerging(self.embed_dims[k - 2], dim)
+                    embed = DeformableTokenMerging(self.embed_dims[k - 2], dim,
+                                                   pad=size_rounding == 'ceil')
                 setattr(self, f'patch_embed{k}', embed)
                 g = self.pretrain_grids[k - 1]
                 pos = nn.Parameter(torch.zeros(1, g * g + (k == S), dim))
@@ -397,7 +441,8 @@ class LIT(PyramidBackbone):
             self.pos_drop = nn.Dropout(drop_rate)
             self.layers = nn.ModuleList([
                 LITLayer(stages[i], DeformableTokenMerging(self.embed_dims[i],
-                                                           self.embed_dims[i + 1])
+                                                           self.embed_dims[i + 1],
+                                                           pad=size_rounding == 'ceil')
                          if i < S - 1 else None) for i in range(S)])
         self._finish_init(self.norm_eps)
 
@@ -426,7 +471,10 @@ class LIT(PyramidBackbone):
 
     # ----------------------------------------------------------------- forward
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        x = pad_to_multiple(x, 4)
+        if self.size_rounding == 'floor':
+            x = check_floor_size(x, self.abs_pos_embed, self.num_stages)
+        if self.size_rounding == 'ceil' or not self.abs_pos_embed:
+            x = pad_to_multiple(x, 4)  # LIT-Ti's official stem floors instead
         return (self.patch_embed1 if self.abs_pos_embed else self.patch_embed)(x)
 
     def _forward_stages(self, x: torch.Tensor,
@@ -484,6 +532,13 @@ class LIT(PyramidBackbone):
         return mods
 
     # ------------------------------------------------------------------- init
+    def _checkpoint_only_keys(self, state: dict, own: dict) -> set:
+        """Official ``relative_position_index`` buffers: each attention with a table
+        checks and drops its own (``LITAttention._load_from_state_dict``)."""
+        suffix = 'relative_position_index'
+        return {k for k in state if k.endswith('attn.' + suffix) and
+                k[:-len(suffix)] + 'relative_position_bias_table' in own}
+
     def _adapt_state_dict(self, state: dict) -> dict:
         """Check and drop official ``relative_position_index`` buffers, resize
         position embeddings / relative position tables trained for another

@@ -5,9 +5,12 @@
 of the constructor arguments every family takes (``in_channels``, ``out_indices``,
 ``frozen_stages``, ``norm_eval``, ``with_cp``, ``init_cfg``, the dropout and drop path
 rates, ``qkv_bias``; each error names the argument and the value), per-stage output
-norms ``norm{i}``,
+norms ``norm{i}`` (on every output, or on the stages ``out_norm_indices`` names),
 ``train()`` with frozen stages and ``norm_eval``, ``forward`` returning NCHW maps,
-and ``init_weights`` that loads official checkpoints through ``init_cfg``.
+``init_weights`` that loads official checkpoints through ``init_cfg``, and the check
+that a whole detector / segmentor checkpoint holds exactly the backbone's tensors
+(:func:`~pale_mm.models.checkpoint.check_backbone_state`, run from
+``_load_from_state_dict`` whenever mmengine or torch loads a state dict into it).
 
 A subclass builds its modules, then calls ``self._finish_init()``; it provides
 ``_forward_stages(x)`` yielding ``(B, H, W, C)`` maps, ``_stem_modules()`` and
@@ -29,8 +32,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops import graph_for_all_sizes
 from .arch import check_flag, check_positive_int, check_rate
-from .checkpoint import (allow_namespace_in_checkpoints, load_pretrained,
-                         load_state_dict_from_checkpoint)
+from .checkpoint import (allow_namespace_in_checkpoints, check_backbone_state,
+                         load_pretrained, load_state_dict_from_checkpoint)
 from .layers import check_image, checkpoint_block
 
 __all__ = ['PyramidBackbone', 'allow_namespace_in_checkpoints',
@@ -50,10 +53,12 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return x
 
 
-def _check_out_indices(out_indices, num_stages: int, owner: str) -> tuple:
+def _check_out_indices(out_indices, num_stages: int, owner: str,
+                       name: str = 'out_indices') -> tuple:
     """``out_indices`` (an int or a sequence of ints, negative ones counted from the
     end) as a tuple of stage indices, increasing and without repeats: the outputs
-    come in stage order, so any other order would not be the one asked for."""
+    come in stage order, so any other order would not be the one asked for. ``name``
+    is the argument's name in the errors."""
     given = out_indices
 
     def is_int(i):
@@ -62,17 +67,32 @@ def _check_out_indices(out_indices, num_stages: int, owner: str) -> tuple:
         out_indices = [out_indices]
     if isinstance(out_indices, str) or not isinstance(out_indices, Sequence) or \
             not all(is_int(i) for i in out_indices):
-        raise ValueError(f'{owner}: out_indices must be an int or a sequence of ints, '
+        raise ValueError(f'{owner}: {name} must be an int or a sequence of ints, '
                          f'got {given!r}')
     out_indices = [int(i) + num_stages if i < 0 else int(i) for i in out_indices]
     for i in out_indices:
         if not 0 <= i < num_stages:
-            raise ValueError(f'out_indices {tuple(out_indices)} out of range for '
+            raise ValueError(f'{name} {tuple(out_indices)} out of range for '
                              f'{num_stages} stages')
     if any(a >= b for a, b in zip(out_indices, out_indices[1:])):
-        raise ValueError(f'{owner}: out_indices must be increasing, without repeats (the '
+        raise ValueError(f'{owner}: {name} must be increasing, without repeats (the '
                          f'outputs come in stage order), got {given!r}')
     return tuple(out_indices)
+
+
+def _check_out_norm_indices(out_norm_indices, out_indices: tuple, num_stages: int,
+                            owner: str) -> tuple:
+    """The stages whose output gets a LayerNorm ``norm{i}``: all outputs (``None``), or
+    a subset of ``out_indices`` (possibly empty), as :func:`_check_out_indices` reads
+    it. A norm on a stage that is not an output would be a parameter without use."""
+    if out_norm_indices is None:
+        return out_indices
+    norms = _check_out_indices(out_norm_indices, num_stages, owner, 'out_norm_indices')
+    extra = [i for i in norms if i not in out_indices]
+    if extra:
+        raise ValueError(f'{owner}: out_norm_indices {out_norm_indices!r} names stages '
+                         f'{extra} that are not outputs (out_indices {out_indices})')
+    return norms
 
 
 # the keys of a Pretrained init_cfg (what load_pretrained reads)
@@ -99,7 +119,7 @@ class PyramidBackbone(BaseModule):
     def __init__(self, in_channels: int, num_stages: int, out_indices: Sequence[int],
                  frozen_stages: int, norm_eval: bool, with_cp: bool, pretrained=None,
                  init_cfg=None, *, drop_rate: float = 0., attn_drop_rate: float = 0.,
-                 drop_path_rate: float = 0., qkv_bias: bool = True):
+                 drop_path_rate: float = 0., qkv_bias: bool = True, out_norm_indices=None):
         name = type(self).__name__
         if pretrained is not None:
             if not isinstance(pretrained, str):
@@ -116,6 +136,8 @@ class PyramidBackbone(BaseModule):
         self.in_channels = check_positive_int(in_channels, 'in_channels', name)
         self.num_stages = num_stages
         self.out_indices = _check_out_indices(out_indices, num_stages, name)
+        self.out_norm_indices = _check_out_norm_indices(out_norm_indices, self.out_indices,
+                                                        num_stages, name)
         if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) or \
                 not -1 <= frozen_stages <= num_stages:
             raise ValueError(f'frozen_stages must be an int in [-1, {num_stages}], '
@@ -148,10 +170,11 @@ class PyramidBackbone(BaseModule):
                 setattr(self, name, getattr(self, name)[:n])
         self.num_stages = n
         self.out_indices = tuple(i for i in self.out_indices if i < n)
+        self.out_norm_indices = tuple(i for i in self.out_norm_indices if i < n)
         self.frozen_stages = min(self.frozen_stages, n)
 
     def _finish_init(self, norm_eps: float = 1e-5):
-        for i in self.out_indices:
+        for i in self.out_norm_indices:
             self.add_module(f'norm{i}', nn.LayerNorm(self.embed_dims[i], eps=norm_eps))
         self._freeze_stages()
 
@@ -169,6 +192,33 @@ class PyramidBackbone(BaseModule):
         """Hook to fit an official state dict to this model (e.g. resize tables)."""
         return state
 
+    def _checkpoint_only_keys(self, state: dict, own: dict) -> set:
+        """Keys of ``state`` (a checkpoint's, without the backbone's prefix) that a
+        submodule checks and drops on loading instead of loading them (``own``: the
+        model's state dict)."""
+        return set()
+
+    # Loading a state dict into a backbone checks that it holds exactly the backbone's
+    # tensors (check_backbone_state); a classifier's (timm) loading is torch's.
+    _check_loaded_state = True
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """torch's, but ``strict=False`` here (on the backbone itself) loads a part on
+        purpose, without :func:`check_backbone_state` (as ``load_pretrained`` does).
+        A load through a parent (mmengine's ``load_checkpoint``, a detector's
+        ``load_state_dict``) is always checked: both ask every module to load
+        strictly and only then decide whether to warn."""
+        self._partial_load = not strict
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            del self._partial_load
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self._check_loaded_state and not getattr(self, '_partial_load', False):
+            check_backbone_state(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # ----------------------------------------------------------------- forward
     def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.with_cp and self.training and torch.is_grad_enabled():
@@ -179,8 +229,9 @@ class PyramidBackbone(BaseModule):
         check_image(x, self.in_channels, type(self).__name__)
         outs = []
         for i, feat in enumerate(self._forward_stages(x)):
-            if i in self.out_indices:
+            if i in self.out_norm_indices:
                 feat = getattr(self, f'norm{i}')(feat)
+            if i in self.out_indices:
                 outs.append(feat.permute(0, 3, 1, 2).contiguous())
         return tuple(outs)
 
@@ -191,7 +242,7 @@ class PyramidBackbone(BaseModule):
         frozen = list(self._stem_modules())
         for i in range(self.frozen_stages):
             frozen += self._stage_modules(i)
-            if i in self.out_indices:
+            if i in self.out_norm_indices:
                 frozen.append(getattr(self, f'norm{i}'))
         for m in frozen:
             if isinstance(m, nn.Parameter):

@@ -2,9 +2,9 @@
 bias, backbone interface (frozen_stages, norm_eval, with_cp), official key layouts."""
 import argparse
 import copy
-import functools
 import math
 import os.path as osp
+import re
 
 import pytest
 import timm
@@ -18,6 +18,8 @@ from pale_mm.models.lit import (DeformConv2dPack, LITAttention, relative_positio
                                 resize_rel_pos_table)
 from tests.backbones import (assert_onnx_matches, assert_output_pyramid, onnx_exporter_kwargs,
                              randomize_bn)
+from tests.lit_official import (official_index, official_lit_smb_shapes,
+                                official_lit_ti_shapes, random_state)
 from tests.tolerances import fp_tol
 
 TINY = dict(embed_dims=16, depths=[1, 2, 1, 1], num_heads=[1, 1, 2, 2])
@@ -44,6 +46,45 @@ def _small(layout='swin', **kw):
 ])
 def test_output_pyramid(layout, size, expected):
     assert_output_pyramid(_small(layout), size, expected)
+
+
+@pytest.mark.parametrize('layout,size,expected', [
+    # the official downstream code: LIT-S's stem pads to 4, its merges floor ...
+    ('swin', (75, 107), [(19, 27), (9, 13), (4, 6), (2, 3)]),
+    ('swin', (29, 29), [(8, 8), (4, 4), (2, 2), (1, 1)]),
+    # ... LIT-Ti's stem floors too
+    ('pvt', (75, 107), [(18, 26), (9, 13), (4, 6), (2, 3)]),
+    ('pvt', (32, 63), [(8, 15), (4, 7), (2, 3), (1, 1)]),
+])
+def test_output_pyramid_with_floor_rounding(layout, size, expected):
+    assert_output_pyramid(_small(layout, size_rounding='floor'), size, expected)
+
+
+@pytest.mark.parametrize('layout,size,least', [('swin', (28, 64), 29), ('pvt', (64, 31), 32)])
+def test_floor_rounding_names_the_smallest_image(layout, size, least):
+    """Where a stage would have no row left, the error says so instead of a
+    deformable conv's error on an empty map."""
+    with pytest.raises(ValueError, match=rf"size_rounding='floor' needs images of at least "
+                                         rf"{least}x{least} .*got {re.escape(str(tuple(size)))}"):
+        _small(layout, size_rounding='floor')(torch.randn(1, 3, *size))
+
+
+def test_out_norm_indices_choose_the_normed_outputs():
+    """The outputs without a norm are the stages' own maps (the forward of the stage
+    with a norm differs only by it), and frozen stages freeze the norms they have."""
+    plain = _small(out_norm_indices=(1, 3), frozen_stages=2).eval()
+    assert [n for n, _ in plain.named_children() if n.startswith('norm')] == ['norm1', 'norm3']
+    assert not plain.norm1.weight.requires_grad and plain.norm3.weight.requires_grad
+    normed = _small(out_norm_indices=None).eval()
+    normed.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        outs, ref = plain(x), normed(x)
+        feats = list(normed._forward_stages(x))
+    for i in (0, 2):
+        torch.testing.assert_close(outs[i], feats[i].permute(0, 3, 1, 2), rtol=0, atol=0)
+    for i in (1, 3):
+        torch.testing.assert_close(outs[i], ref[i], rtol=0, atol=0)
 
 
 def test_arch_zoo_structure():
@@ -289,7 +330,17 @@ def test_bad_inputs(bad, exc, match):
     (dict(frozen_stages=5), ValueError, 'frozen_stages'),
     (dict(in_channels=0), ValueError, 'in_channels'),
     (dict(pretrain_img_size=0), ValueError, 'pretrain_img_size'),
+    # a 16-px table grid would floor to 0 rows in stage 4 (the official rounding)
+    (dict(pretrain_img_size=16), ValueError, r'pretrain_img_size must be an int >= 32 \(one '
+     r'table row in the last of 4 stages\), got 16'),
     (dict(pretrained=123), TypeError, 'pretrained must be a str'),
+    (dict(out_norm_indices=(0, 4)), ValueError, r'out_norm_indices \(0, 4\) out of range'),
+    (dict(out_norm_indices=(2, 1)), ValueError, 'LIT: out_norm_indices must be increasing'),
+    (dict(out_norm_indices='0'), ValueError, 'LIT: out_norm_indices must be an int or a'),
+    (dict(out_indices=(2, 3), out_norm_indices=(1, 2)), ValueError,
+     r'LIT: out_norm_indices \(1, 2\) names stages \[1\] that are not outputs'),
+    (dict(size_rounding='round'), ValueError,
+     "size_rounding must be 'ceil' or 'floor', got 'round'"),
     # arch entries that would be taken silently (bool('no') is True) or fail deep
     (dict(arch=dict(TINY, has_msa=[False, False, True, 'no'])), TypeError,
      r"LIT: arch has_msa\[3\] must be True or False, got 'no'"),
@@ -324,100 +375,6 @@ def test_init_weights_default_keeps_zero_offsets():
     assert not model.layers[0].downsample.dconv.conv_offset.weight.any()
 
 
-# --------------------------------------------------- official key layouts
-def _bn(prefix, c):
-    return {f'{prefix}.weight': (c, ), f'{prefix}.bias': (c, ), f'{prefix}.running_mean': (c, ),
-            f'{prefix}.running_var': (c, ), f'{prefix}.num_batches_tracked': ()}
-
-
-def _dtm(prefix, cin, cout):
-    return {f'{prefix}.dconv.weight': (cout, cin, 2, 2), f'{prefix}.dconv.bias': (cout, ),
-            f'{prefix}.dconv.conv_offset.weight': (8, cin, 2, 2),
-            f'{prefix}.dconv.conv_offset.bias': (8, ), **_bn(f'{prefix}.norm_layer', cout)}
-
-
-def _block(prefix, c, ratio, attn, heads=None, table=None):
-    h = int(c * ratio)
-    shapes = {f'{prefix}.norm2.weight': (c, ), f'{prefix}.norm2.bias': (c, ),
-              f'{prefix}.mlp.fc1.weight': (h, c), f'{prefix}.mlp.fc1.bias': (h, ),
-              f'{prefix}.mlp.fc2.weight': (c, h), f'{prefix}.mlp.fc2.bias': (c, )}
-    if attn:
-        shapes.update({f'{prefix}.norm1.weight': (c, ), f'{prefix}.norm1.bias': (c, ),
-                       f'{prefix}.attn.qkv.weight': (3 * c, c),
-                       f'{prefix}.attn.qkv.bias': (3 * c, ),
-                       f'{prefix}.attn.proj.weight': (c, c), f'{prefix}.attn.proj.bias': (c, )})
-        if table:
-            shapes[f'{prefix}.attn.relative_position_bias_table'] = ((2 * table - 1) ** 2, heads)
-            # the official RelPosAttention's persistent buffer, saved by state_dict()
-            shapes[f'{prefix}.attn.relative_position_index'] = (table ** 2, table ** 2)
-    return shapes
-
-
-@functools.lru_cache(maxsize=None)
-def _official_index(h, w):
-    """The official ``relative_position_index`` of an ``h x w`` grid, from its
-    published definition: tokens ``p = (i1, j1)``, ``q = (i2, j2)`` in row-major order
-    index the ``(2h-1) x (2w-1)`` table at row ``i1 - i2 + h - 1``, column
-    ``j1 - j2 + w - 1``."""
-    index = torch.empty(h * w, h * w, dtype=torch.long)
-    for p in range(h * w):
-        for q in range(h * w):
-            (i1, j1), (i2, j2) = divmod(p, w), divmod(q, w)
-            index[p, q] = (i1 - i2 + h - 1) * (2 * w - 1) + (j1 - j2 + w - 1)
-    return index
-
-
-def official_index(h, w):
-    return _official_index(h, w).clone()
-
-
-def official_lit_smb_shapes(dims, depths, heads, img=224, classes=1000):
-    """Key -> shape of the official LIT-S/M/B (Swin-style) classification checkpoint."""
-    s = {'patch_embed.proj.weight': (dims[0], 3, 4, 4), 'patch_embed.proj.bias': (dims[0], ),
-         'patch_embed.norm.weight': (dims[0], ), 'patch_embed.norm.bias': (dims[0], ),
-         'norm.weight': (dims[-1], ), 'norm.bias': (dims[-1], ),
-         'head.weight': (classes, dims[-1]), 'head.bias': (classes, )}
-    for i, depth in enumerate(depths):
-        for j in range(depth):
-            s.update(_block(f'layers.{i}.blocks.{j}', dims[i], 4, i >= 2, heads[i],
-                            img // 4 // 2 ** i))
-        if i < len(depths) - 1:
-            s.update(_dtm(f'layers.{i}.downsample', dims[i], dims[i + 1]))
-    return s
-
-
-def official_lit_ti_shapes(dims, depths, ratios, img=224, classes=1000):
-    """Key -> shape of the official LIT-Ti (PVT-style) classification checkpoint."""
-    s = {'patch_embed1.proj.weight': (dims[0], 3, 4, 4), 'patch_embed1.proj.bias': (dims[0], ),
-         'patch_embed1.norm.weight': (dims[0], ), 'patch_embed1.norm.bias': (dims[0], ),
-         'cls_token': (1, 1, dims[-1]), 'norm.weight': (dims[-1], ), 'norm.bias': (dims[-1], ),
-         'head.weight': (classes, dims[-1]), 'head.bias': (classes, )}
-    for k in range(1, 5):
-        g = img // 4 // 2 ** (k - 1)
-        s[f'pos_embed{k}'] = (1, g * g + (k == 4), dims[k - 1])
-        if k > 1:
-            s.update(_dtm(f'patch_embed{k}', dims[k - 2], dims[k - 1]))
-        for j in range(depths[k - 1]):
-            s.update(_block(f'block{k}.{j}', dims[k - 1], ratios[k - 1], k >= 3))
-    return s
-
-
-def _random_state(shapes):
-    g = torch.Generator().manual_seed(1)
-    state = {}
-    for k, shape in shapes.items():
-        if k.endswith('num_batches_tracked'):
-            state[k] = torch.randint(0, 100, shape, generator=g)
-        elif k.endswith('relative_position_index'):
-            g_side = math.isqrt(shape[0])
-            state[k] = official_index(g_side, g_side)
-        elif k.endswith('running_var'):
-            state[k] = torch.rand(shape, generator=g) + 0.5
-        else:
-            state[k] = torch.randn(shape, generator=g) * 0.1
-    return state
-
-
 def test_nan_input_does_not_crash_dcn():
     dcn = DeformConv2dPack(4, 4)
     with torch.no_grad():
@@ -445,7 +402,7 @@ def test_official_layout_matches_classifier_exactly(arch):
     assert own == {k: v for k, v in shapes.items() if k not in buffers}
     # strict load of the official layout, relative_position_index buffers included
     # (checked against the computed index and dropped)
-    state = _random_state(shapes)
+    state = random_state(shapes)
     model.load_state_dict(state, strict=True)
     assert all(k in state for k in buffers)  # the caller's dict is left as it was
 
@@ -457,7 +414,7 @@ def test_official_checkpoint_loads_through_init_cfg(layout, tmp_path):
         shapes = official_lit_smb_shapes(dims, depths, [1, 1, 2, 2], img=64)
     else:
         shapes = official_lit_ti_shapes(dims, depths, [8, 8, 4, 4], img=64)
-    state = _random_state(shapes)
+    state = random_state(shapes)
     path = tmp_path / 'lit.pth'
     torch.save({'model': state, 'epoch': 300, 'args': argparse.Namespace(model='lit')}, path)
     model = _small(layout, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
@@ -474,7 +431,7 @@ def test_official_checkpoint_loads_through_init_cfg(layout, tmp_path):
 
 def test_checkpoint_for_other_size_is_resized(tmp_path):
     shapes = official_lit_smb_shapes([16, 32, 64, 128], TINY['depths'], [1, 1, 2, 2], img=224)
-    torch.save({'model': _random_state(shapes)}, tmp_path / 'a.pth')
+    torch.save({'model': random_state(shapes)}, tmp_path / 'a.pth')
     model = _small(init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'a.pth')))
     model.init_weights()  # tables trained for 224 resized to pretrain_img_size=64
     assert model.layers[2].blocks[0].attn.relative_position_bias_table.shape == (49, 2)
@@ -488,7 +445,7 @@ def test_computed_index_is_the_official_one():
 @pytest.mark.parametrize('how', ['values', 'shape'])
 def test_bad_relative_position_index_names_key_and_shapes(how, tmp_path):
     shapes = official_lit_smb_shapes([16, 32, 64, 128], TINY['depths'], [1, 1, 2, 2], img=64)
-    state = _random_state(shapes)
+    state = random_state(shapes)
     key = 'layers.2.blocks.0.attn.relative_position_index'
     if how == 'values':
         state[key] = state[key].flip(0)
@@ -508,7 +465,7 @@ def test_bad_relative_position_index_names_key_and_shapes(how, tmp_path):
 def test_official_checkpoint_with_index_buffers_loads_in_timm(tmp_path):
     """timm's loader (pretrained_cfg_overlay=dict(file=...)) loads strictly."""
     dims, depths, heads = [96, 192, 384, 768], [2, 2, 6, 2], [3, 6, 12, 24]
-    state = _random_state(official_lit_smb_shapes(dims, depths, heads))
+    state = random_state(official_lit_smb_shapes(dims, depths, heads))
     path = tmp_path / 'lit_s.pth'
     torch.save({'model': state, 'args': argparse.Namespace(model='lit_s')}, path)
     model = timm.create_model('lit_s', pretrained=True,
@@ -542,7 +499,7 @@ def test_detection_tables_resized_twice_as_official(tmp_path):
     checkpoint gives the official detection backbone's position bias at 256x320; the
     single resize (pretrain_img_size=224, the documented option) gives another one."""
     shapes = official_lit_smb_shapes([16, 32, 64, 128], TINY['depths'], [1, 1, 2, 2], img=224)
-    state = _random_state(shapes)
+    state = random_state(shapes)
     for k in state:  # tables of a trained size (random 0.1-scale tables hide little)
         if k.endswith('relative_position_bias_table'):
             state[k] = torch.randn(state[k].shape, generator=torch.Generator().manual_seed(2))
