@@ -17,5 +17,8 @@ pretrained = 'https://github.com/ziplab/LIT/releases/download/v1.0/lit_b.pth'
 model = dict(
     backbone=dict(
         arch='b', drop_path_rate=0.5, pretrain_img_size=800,  # embed dims 128, 256, 512, 1024
+        # no official downstream LIT-B: a norm on every output, odd sizes padded
+        # (this project's defaults, not the official LIT-Ti's this file inherits)
+        out_norm_indices=None, size_rounding='ceil',
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     neck=dict(in_channels=[128, 256, 512, 1024]))

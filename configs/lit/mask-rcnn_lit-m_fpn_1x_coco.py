@@ -17,5 +17,8 @@ pretrained = 'https://github.com/ziplab/LIT/releases/download/v1.0/lit_m.pth'
 model = dict(
     backbone=dict(
         arch='m', drop_path_rate=0.3, pretrain_img_size=800,  # embed dims 96, 192, 384, 768
+        # no official downstream LIT-M: a norm on every output, odd sizes padded
+        # (this project's defaults, not the official LIT-Ti's this file inherits)
+        out_norm_indices=None, size_rounding='ceil',
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     neck=dict(in_channels=[96, 192, 384, 768]))
