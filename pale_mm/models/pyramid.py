@@ -10,7 +10,8 @@ norms ``norm{i}`` (on every output, or on the stages ``out_norm_indices`` names)
 ``init_weights`` that loads official checkpoints through ``init_cfg``, and the check
 that a whole detector / segmentor checkpoint holds exactly the backbone's tensors
 (:func:`~pale_mm.models.checkpoint.check_backbone_state`, run from
-``_load_from_state_dict`` whenever mmengine or torch loads a state dict into it).
+``_load_from_state_dict`` whenever mmengine or torch loads a state dict into it, except
+the backbone's own ``load_state_dict(..., strict=False)``).
 
 A subclass builds its modules, then calls ``self._finish_init()``; it provides
 ``_forward_stages(x)`` yielding ``(B, H, W, C)`` maps, ``_stem_modules()`` and
