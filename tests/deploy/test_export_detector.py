@@ -9,6 +9,8 @@ multiples of 32 inside the graph). The detections must be the same boxes with th
 same labels, the scores and coordinates within the fp32 tolerance of the model's
 reductions (``tests/tolerances.py``).
 """
+import os.path as osp
+
 import pytest
 import torch
 
@@ -61,6 +63,9 @@ def check_detector(tmp_path, kind):
                 got = runner(image, return_datasamples=True)['predictions'][0]
             assert_same_detections(got.pred_instances, expected.pred_instances, model,
                                    f'{kind} {backend} {image}')
+    # the command line's way: printed and drawn by DetInferencer
+    infer.main([out, images[0], '--out-dir', str(tmp_path / 'out'), '--score-thr', '0.05'])
+    assert (tmp_path / 'out' / 'vis' / osp.basename(images[0])).is_file()
 
 
 def test_retinanet_matches_detinferencer(tmp_path):
@@ -69,6 +74,7 @@ def test_retinanet_matches_detinferencer(tmp_path):
     check_detector(tmp_path, 'retinanet')
 
 
+@pytest.mark.slow
 def test_mask_rcnn_matches_detinferencer(tmp_path):
     """Mask R-CNN: backbone, neck and RPN head in one graph, the RoI bbox and mask heads
     (RoIAlign as ONNX ``RoiAlign``) in two more; mmdet's RPN, bbox and mask

@@ -93,17 +93,20 @@ def test_semantic_fpn_lit_default_exporter(tmp_path):
     serves sides of 33 or more (every map at least 2 lines long)."""
     exported = export_segmentor(tmp_path, 'fpn', 'lit', 'dynamo')
     assert_export_matches(exported, 'dynamo', SIZES[:3])
+    export = load_tool('deploy/export.py', 'deploy_export')
     infer = load_tool('deploy/infer.py', 'deploy_infer')
-    runner = infer.build_inferencer(exported[-1])
-    with pytest.raises(ValueError, match='at least 33'):
-        runner.model.inference(torch.zeros(1, 3, 17, 40), None)
+    min_size = export.read_metadata(exported[-1])['min_size']
+    assert min_size == 33
+    with pytest.raises(ValueError, match='17x40 .* at least 33'):
+        infer.check_size(torch.zeros(1, 3, 17, 40), min_size)
 
 
 def test_runner_matches_mmseginferencer(upernet_pale, tmp_path):
     """``tools/deploy/infer.py`` (onnxruntime, and OpenVINO where installed) gives
     mmseg's ``MMSegInferencer`` result on an image of odd size: the same logits
     within the fp32 tolerance, the same class map where the two best logits are
-    apart by more than it, and the drawing."""
+    apart by more than it, and the drawing. OpenVINO runs the file with dynamic and
+    with static shapes (compiled for the image's size)."""
     from mmseg.apis import MMSegInferencer
 
     from tests.deploy.models import write_image
@@ -114,14 +117,18 @@ def test_runner_matches_mmseginferencer(upernet_pale, tmp_path):
     expected = MMSegInferencer(config, checkpoint, device='cpu')(
         image, return_datasamples=True)
     K, depth = reductions(model)
-    for backend in runtimes():
-        got = infer.build_inferencer(out, backend)(image, return_datasamples=True)
+    for backend, static in [(b, False) for b in runtimes()] + [
+            ('openvino', True)] * ('openvino' in runtimes()):
+        got = infer.build_inferencer(out, backend, static_shapes=static)(
+            image, return_datasamples=True)
         logits, ref = got.seg_logits.data, expected.seg_logits.data
         assert_close_fp(logits, ref, K, depth=depth, msg=backend)
         top2 = ref.topk(2, dim=0).values
         clear = (top2[0] - top2[1]) > 1e-3 * ref.abs().max()
         labels = got.pred_sem_seg.data[0]
         assert torch.equal(labels[clear], expected.pred_sem_seg.data[0][clear]), backend
+        if static:
+            continue
         result = infer.infer(out, [image], backend, str(tmp_path / backend))
         assert np.array_equal(result['predictions'], labels.numpy())
         assert osp.isfile(tmp_path / backend / 'vis' / 'img.png'), backend

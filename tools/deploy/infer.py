@@ -4,6 +4,7 @@ OpenVINO, with mmdet's / mmseg's own pipeline, post-processing and drawing.
 
     python tools/deploy/infer.py MODEL.onnx IMAGE [IMAGE ...] [--backend onnxruntime|openvino]
                                  [--out-dir outputs] [--score-thr 0.3] [--threads N]
+                                 [--static-shapes]
 
 It builds mmdet's ``DetInferencer`` or mmseg's ``MMSegInferencer`` from the config
 stored in the file, without weights, and hands the network's work to the runtime:
@@ -38,9 +39,13 @@ BACKENDS = ('onnxruntime', 'openvino')
 
 class Runtime:
     """One exported graph in onnxruntime (CPU) or OpenVINO (CPU): ``run(inputs)`` ->
-    the outputs as float tensors, in the graph's output order."""
+    the outputs as float tensors, in the graph's output order. With
+    ``static_shapes``, OpenVINO compiles the graph once per input shape, reshaped to
+    it (fewer nodes run: its shape computations fold away; each new shape costs a
+    compilation)."""
 
-    def __init__(self, path: str, backend: str = 'onnxruntime', threads: int = 0):
+    def __init__(self, path: str, backend: str = 'onnxruntime', threads: int = 0,
+                 static_shapes: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
         if not osp.isfile(path):
@@ -60,11 +65,14 @@ class Runtime:
             except ImportError as e:
                 raise ImportError('the OpenVINO backend needs openvino (pip install -e '
                                   '.[deploy])') from e
-            config = {'INFERENCE_NUM_THREADS': threads} if threads else {}
-            config['INFERENCE_PRECISION_HINT'] = 'f32'  # fp32, as exported
-            model = ov.Core().read_model(path)
+            self.config = {'INFERENCE_NUM_THREADS': threads} if threads else {}
+            self.config['INFERENCE_PRECISION_HINT'] = 'f32'  # fp32, as exported
+            self.core, self.path = ov.Core(), path
+            model = self.core.read_model(path)
             self.inputs = [i.any_name for i in model.inputs]
-            self.session = ov.Core().compile_model(model, 'CPU', config)
+            self.static = {} if static_shapes else None
+            if not static_shapes:
+                self.session = self.core.compile_model(model, 'CPU', self.config)
 
     def run(self, *arrays: torch.Tensor) -> List[torch.Tensor]:
         feed = {name: np.ascontiguousarray(a.detach().float().cpu().numpy())
@@ -72,9 +80,19 @@ class Runtime:
         if self.backend == 'onnxruntime':
             outs = self.session.run(None, feed)
         else:
-            result = self.session(feed)
-            outs = [result[o] for o in self.session.outputs]
+            compiled = self.session if self.static is None else self._static(feed)
+            result = compiled(feed)
+            outs = [result[o] for o in compiled.outputs]
         return [torch.from_numpy(np.asarray(o)) for o in outs]
+
+
+    def _static(self, feed: Dict[str, np.ndarray]):
+        shapes = tuple((k, a.shape) for k, a in feed.items())
+        if shapes not in self.static:
+            model = self.core.read_model(self.path)
+            model.reshape({k: list(shape) for k, shape in shapes})
+            self.static[shapes] = self.core.compile_model(model, 'CPU', self.config)
+        return self.static[shapes]
 
 
 def check_size(img: torch.Tensor, min_size: int):
@@ -145,21 +163,26 @@ def _bind_two_stage(model, graphs: Dict[str, Runtime], min_size: int):
         roi_head._mask_forward = mask_forward
 
 
-def build_inferencer(path: str, backend: str = 'onnxruntime', threads: int = 0):
+def build_inferencer(path: str, backend: str = 'onnxruntime', threads: int = 0,
+                     static_shapes: bool = False):
     """mmdet's ``DetInferencer`` or mmseg's ``MMSegInferencer`` for the exported file
-    ``path``, its network run by ``backend`` (see the module docstring)."""
+    ``path``, its network run by ``backend`` (see the module docstring and
+    :class:`Runtime` for ``static_shapes``)."""
     from mmengine.config import Config
 
     from pale_mm.utils import register_scope
     meta = exported.read_metadata(path)
     cfg = Config.fromstring(meta['config'], '.py')
     register_scope(meta['task'])
-    graphs = {'': Runtime(path, backend, threads)}
+    graphs = {'': Runtime(path, backend, threads, static_shapes)}
     for name in meta['siblings']:  # model.roi_bbox.onnx, model.roi_mask.onnx
         suffix = name[:-len('.onnx')].rsplit('.', 1)[-1]
-        graphs[suffix] = Runtime(osp.join(osp.dirname(path), name), backend, threads)
+        graphs[suffix] = Runtime(osp.join(osp.dirname(path), name), backend, threads,
+                                 static_shapes)
     classes = meta['dataset_meta'].get('classes')
     palette = meta['dataset_meta'].get('palette')
+    if palette is not None:  # JSON gave lists; the visualizers take tuples
+        palette = [tuple(c) for c in palette]
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # "weights is None": the runtime has them
         if meta['task'] == 'mmseg':
@@ -170,7 +193,7 @@ def build_inferencer(path: str, backend: str = 'onnxruntime', threads: int = 0):
             from mmdet.apis import DetInferencer
             inferencer = DetInferencer(cfg, None, device='cpu', scope='mmdet',
                                        show_progress=False)
-            inferencer.model.dataset_meta = dict(meta['dataset_meta'])
+            inferencer.model.dataset_meta = dict(meta['dataset_meta'], palette=palette)
             inferencer.visualizer.dataset_meta = inferencer.model.dataset_meta
     model = inferencer.model.eval()
     _raw_preprocessor(model.data_preprocessor)
@@ -183,13 +206,13 @@ def build_inferencer(path: str, backend: str = 'onnxruntime', threads: int = 0):
 
 def infer(path: str, images: Sequence[str], backend: str = 'onnxruntime',
           out_dir: str = 'outputs', score_thr: float = 0.3, threads: int = 0,
-          draw: bool = True) -> dict:
+          draw: bool = True, static_shapes: bool = False) -> dict:
     """Run the exported model on ``images``; returns the inferencer's result
     (``{'predictions': ..., 'visualization': ...}``), drawn into ``out_dir/vis/``."""
     for image in images:
         if not osp.isfile(image):
             raise FileNotFoundError(f'image not found: {image}')
-    inferencer = build_inferencer(path, backend, threads)
+    inferencer = build_inferencer(path, backend, threads, static_shapes)
     kwargs = dict(out_dir=out_dir if draw else '', return_datasamples=False)
     if type(inferencer).__name__ == 'DetInferencer':
         kwargs.update(pred_score_thr=score_thr, no_save_pred=not draw, no_save_vis=not draw)
@@ -226,13 +249,16 @@ def parse_args(argv=None):
                         help='detections drawn and printed at or above this score')
     parser.add_argument('--threads', type=int, default=0,
                         help="the runtime's threads (0: its default)")
+    parser.add_argument('--static-shapes', action='store_true',
+                        help='OpenVINO: compile the graph once per input shape (faster '
+                             'runs where few sizes recur)')
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     result = infer(args.model, args.images, args.backend, args.out_dir, args.score_thr,
-                   args.threads)
+                   args.threads, static_shapes=args.static_shapes)
     for line in summary(result['predictions'], args.score_thr):
         print(line)
     print(f'drawn into {osp.join(args.out_dir, "vis")}')
