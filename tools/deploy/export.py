@@ -61,7 +61,8 @@ META_PREFIX = 'pale_mm.'
 def load_model(config: str, checkpoint: Optional[str], cfg_options: Optional[dict] = None):
     """``(model, cfg, scope)``: the model of ``config`` with ``checkpoint`` loaded, in
     eval mode on the CPU, built by mmdet's ``init_detector`` or mmseg's ``init_model``
-    (SyncBN turned into BN: one process)."""
+    (SyncBN turned into BN: one process). Its ``dataset_meta`` is the checkpoint's,
+    else the config's test dataset ``metainfo``."""
     from mmengine.config import Config
 
     from pale_mm.utils import config_scope, register_scope, sync_bn_to_bn
@@ -77,11 +78,25 @@ def load_model(config: str, checkpoint: Optional[str], cfg_options: Optional[dic
     sync_bn_to_bn(cfg)
     if scope == 'mmdet':
         from mmdet.apis import init_detector
-        model = init_detector(cfg, checkpoint, device='cpu')
+        model = init_detector(cfg, None, device='cpu')
     else:
         from mmseg.apis import init_model
-        model = init_model(cfg, checkpoint, device='cpu')
+        model = init_model(cfg, None, device='cpu')
+    model.dataset_meta = _config_metainfo(cfg)
+    if checkpoint is not None:  # mmengine's loader: mmseg's init_model needs a 'meta'
+        from mmengine.runner import load_checkpoint
+        state = load_checkpoint(model, checkpoint, map_location='cpu')
+        meta = state.get('meta', {}).get('dataset_meta') if isinstance(state, dict) else None
+        if meta:
+            model.dataset_meta = meta
     return model.eval(), cfg, scope
+
+
+def _config_metainfo(cfg) -> Optional[dict]:
+    """The test dataset's ``metainfo`` (classes, palette) set in the config, if any."""
+    loader = cfg.get('test_dataloader') or {}
+    metainfo = (loader.get('dataset') or {}).get('metainfo')
+    return dict(metainfo) if metainfo else None
 
 
 class Preprocess(nn.Module):
