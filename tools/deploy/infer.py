@@ -18,7 +18,9 @@ stored in the file, without weights, and hands the network's work to the runtime
   between them.
 
 The data preprocessor's normalisation and padding are inside the graph, so the
-inferencer's preprocessor only stacks the images. The output is what the upstream
+inferencer's preprocessor only stacks the images: run detectors one image per batch
+(the inferencers' default ``batch_size=1``); images of different sizes stacked in one
+batch would be padded before the graph normalises them, unlike mmdet. The output is what the upstream
 inferencers print and draw (``outputs/vis/``, ``outputs/preds/``). Needs the
 ``deploy`` extra (``pip install -e .[deploy]``: onnx, onnxruntime, openvino).
 """
