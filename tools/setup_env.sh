@@ -86,7 +86,18 @@ quiet() { "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 CONSTRAINTS="$(mktemp)"
-trap 'rm -f "$CONSTRAINTS"' EXIT
+BG_PIDS=()
+BG_LOGS=()
+cleanup() {
+  local pid
+  # a background job (a subshell or python) and the processes it started (pip, ninja)
+  for pid in "${BG_PIDS[@]}"; do
+    pkill -TERM -P "$pid" 2>/dev/null || true
+    kill "$pid" 2>/dev/null || true
+  done
+  rm -f "$CONSTRAINTS" "${BG_LOGS[@]}"
+}
+trap cleanup EXIT
 cat > "$CONSTRAINTS" <<CEOF
 numpy<2
 setuptools>=77,<82
@@ -98,6 +109,54 @@ CEOF
 say "installing torch $TORCH_VER, torchvision $TV_VER and build tools (about 1-2 minutes)"
 quiet "${PIP[@]}" install -q -c "$CONSTRAINTS" "torch==$TORCH_VER" "torchvision==$TV_VER" \
   'setuptools>=77,<82' wheel ninja 'numpy<2'
+
+# mmengine, mmdet, mmsegmentation, timm, onnx and the rest: none of them requires mmcv,
+# so while mmcv compiles (CPU) they are downloaded and installed alongside (network).
+install_rest() {
+  # onnxscript: torch.onnx.export's default exporter (dynamo=True since torch 2.9) needs it
+  quiet "${PIP[@]}" install -q -c "$CONSTRAINTS" 'mmengine==0.10.7' 'mmdet==3.3.0' 'mmsegmentation==1.2.2' \
+    'timm>=1.0,<1.1' ftfy regex pytest 'opencv-python<4.12' addict yapf pycocotools \
+    'onnx==1.23.2' 'onnxruntime==1.32.0' 'onnxscript==0.7.2'
+  # mmcv's own runtime deps (it is installed with --no-deps)
+  quiet "${PIP[@]}" install -q -c "$CONSTRAINTS" addict packaging Pillow pyyaml yapf
+}
+# pale_mm's fused CPU kernels (pale_mm/ops/kernels.py needs only torch): compiled once,
+# cached under ~/.cache/torch_extensions; prints the build it made, or why none.
+KERNELS_PY='
+import importlib.util, os, sys, warnings
+warnings.filterwarnings("ignore")
+if os.environ.get("PALE_MM_FAST_PATHS", "1") == "0":
+    sys.exit(print("fused CPU kernels: switched off (PALE_MM_FAST_PATHS=0): the reference ops run"))
+spec = importlib.util.spec_from_file_location("pale_mm_kernels_build", sys.argv[1])
+k = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(k)
+isa = k.cpu_isa()
+if isa is None:
+    print("fused CPU kernels: not used here (no AVX2 or AVX-512): the reference ops run")
+elif k.load() is None:
+    sys.exit(f"fused CPU kernels: the {isa} build FAILED: the reference ops run")
+else:
+    print(f"fused CPU kernels: {isa} build ready")
+'
+build_kernels() { "$VENV/bin/python" -c "$KERNELS_PY" "$ROOT/pale_mm/ops/kernels.py"; }
+# start_bg NAME CMD...: run CMD in the background, output to a log; wait_bg NAME waits.
+declare -A BG_PID BG_LOG
+start_bg() {
+  local name="$1"; shift
+  BG_LOG[$name]="$(mktemp)"; BG_LOGS+=("${BG_LOG[$name]}")
+  "$@" >"${BG_LOG[$name]}" 2>&1 &
+  BG_PID[$name]=$!; BG_PIDS+=($!)
+}
+wait_bg() {  # wait_bg NAME WHAT: 0 if it succeeded, else its log and exit 1
+  local name="$1" what="$2"
+  kill -0 "${BG_PID[$name]}" 2>/dev/null && say "waiting for $what to finish"
+  if ! wait "${BG_PID[$name]}"; then
+    cat "${BG_LOG[$name]}" >&2
+    say "ERROR: $what failed (output above)" >&2
+    exit 1
+  fi
+  grep -v 'is ignored: it is neither a file nor a directory' "${BG_LOG[$name]}" || true
+}
 
 PYTAG="$("$VENV/bin/python" -c 'import sys; print(f"cp{sys.version_info.major}{sys.version_info.minor}")')"
 TORCH_INSTALLED="$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')"
@@ -126,6 +185,14 @@ else
     # the one slow step (tools/build_mmcv.sh): the plan detected above, built with
     # this venv's torch, the wheel checked and put into WHEEL_DIR
     export MMCV_VER MMCV_BUILD MMCV_CUDA_HOME MMCV_ARCH_LIST MMCV_CPATH MMCV_MAX_JOBS
+    # Meanwhile, in the background: the other packages (mostly download time), and, at
+    # the lowest CPU priority (it takes the cores that the build leaves idle; its three
+    # files at once need about 4.5 GB of memory), pale_mm's fused CPU kernels.
+    say "meanwhile installing mmengine, mmdet, mmsegmentation, timm, onnx and the rest in the background"
+    start_bg rest install_rest
+    if (( $(awk '/^MemAvailable:/ {print int($2 / 1024)}' /proc/meminfo 2>/dev/null || echo 0) >= 8000 )); then
+      start_bg kernels nice -n 19 "$VENV/bin/python" -c "$KERNELS_PY" "$ROOT/pale_mm/ops/kernels.py"
+    fi
     bash "$ROOT/tools/build_mmcv.sh" "$VENV/bin/python" "$WHEEL_DIR"
     WHEEL="$(cat "$WHEEL_DIR/last_built.txt")"
     say "mmcv wheel cached in $WHEEL_DIR"
@@ -135,36 +202,32 @@ else
   quiet "${PIP[@]}" install -q --no-deps --force-reinstall "$WHEEL"
 fi
 
-say "installing mmengine, mmdet, mmsegmentation, timm, onnx, onnxruntime and the rest"
-# onnxscript: torch.onnx.export's default exporter (dynamo=True since torch 2.9) needs it
-quiet "${PIP[@]}" install -q -c "$CONSTRAINTS" 'mmengine==0.10.7' 'mmdet==3.3.0' 'mmsegmentation==1.2.2' \
-  'timm>=1.0,<1.1' ftfy regex pytest 'opencv-python<4.12' addict yapf pycocotools \
-  'onnx==1.23.2' 'onnxruntime==1.32.0' 'onnxscript==0.7.2'
-# mmcv's own runtime deps (it was installed with --no-deps)
-quiet "${PIP[@]}" install -q -c "$CONSTRAINTS" addict packaging Pillow pyyaml yapf
-
+if [[ -n "${BG_PID[rest]:-}" ]]; then
+  wait_bg rest "installing mmengine, mmdet, mmsegmentation, timm, onnx and the rest"
+else
+  say "installing mmengine, mmdet, mmsegmentation, timm, onnx, onnxruntime and the rest"
+  install_rest
+fi
 say "installing pale_mm (editable)"
 quiet "${PIP[@]}" install -q -c "$CONSTRAINTS" --no-build-isolation -e "$ROOT"
 
 say "checking imports"
 check_imports
-# Compile the fused CPU kernels now (about 40 s, cached under ~/.cache/torch_extensions)
-# rather than at the first forward pass; on CPUs without AVX2 or AVX-512 this reports that the
-# reference ops are used. A kernel that cannot be built is a warning, not a failure.
-say "building pale_mm's fused CPU kernels"
-"$VENV/bin/python" - <<'PYEOF'
-import importlib
-for name in ('pale_mm.ops.attention', 'pale_mm.models.cpu_attention'):
-    try:
-        c = importlib.import_module(name)
-        break
-    except ImportError:
-        c = None
-if c is None:
-    print('fused CPU kernels: no kernel module found (nothing to build)')
-else:
-    print('fused CPU kernels:', 'ready' if c.cpu_attention_available()
-          else 'not used here (no AVX2 or AVX-512, or switched off): the reference ops run')
-PYEOF
+# The fused CPU kernels, compiled now (about 40 s, cached under ~/.cache/torch_extensions;
+# in the background during an mmcv build) rather than at the first forward pass; on
+# CPUs without AVX2 or AVX-512 this reports that the reference ops are used. A kernel
+# that cannot be built is a warning, not a failure.
+if [[ -n "${BG_PID[kernels]:-}" ]]; then
+  kill -0 "${BG_PID[kernels]}" 2>/dev/null && say "waiting for pale_mm's fused CPU kernels to compile"
+  if wait "${BG_PID[kernels]}"; then
+    say "$(tail -1 "${BG_LOG[kernels]}")"
+  else
+    cat "${BG_LOG[kernels]}" >&2
+    say "WARNING: pale_mm's fused CPU kernels could not be built (output above): the reference ops run"
+  fi
+else
+  say "building pale_mm's fused CPU kernels"
+  build_kernels || say "WARNING: pale_mm's fused CPU kernels could not be built: the reference ops run"
+fi
 echo "$STAMP_KEY" > "$STAMP"
 say "done: activate with 'source $VENV/bin/activate'"
