@@ -34,14 +34,14 @@ import sys
 import warnings
 warnings.filterwarnings('ignore')
 import torch, torchvision, mmcv, mmengine, mmdet, mmseg, timm, numpy, onnx, onnxruntime
-import onnxscript
+import onnxscript, openvino
 from mmcv.ops import nms, RoIAlign  # noqa: F401  (compiled ops present)
 import pale_mm  # noqa: F401
 assert numpy.__version__.startswith('1.'), numpy.__version__
 print(f'torch {torch.__version__}, mmcv {mmcv.__version__}, mmengine {mmengine.__version__}, '
       f'mmdet {mmdet.__version__}, mmseg {mmseg.__version__}, timm {timm.__version__}, '
       f'numpy {numpy.__version__}, onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, '
-      f'onnxscript {onnxscript.__version__}')
+      f'onnxscript {onnxscript.__version__}, openvino {openvino.__version__.split("-")[0]}')
 # where torch sees a GPU: mmcv's nms and roi_align on CUDA tensors (nothing without a GPU)
 sys.path.insert(0, sys.argv[1])
 import cuda_env  # tools/cuda_env.py
@@ -113,10 +113,11 @@ quiet "${PIP[@]}" install -q -c "$CONSTRAINTS" "torch==$TORCH_VER" "torchvision=
 # mmengine, mmdet, mmsegmentation, timm, onnx and the rest: none of them requires mmcv,
 # so while mmcv compiles (CPU) they are downloaded and installed alongside (network).
 install_rest() {
-  # onnxscript: torch.onnx.export's default exporter (dynamo=True since torch 2.9) needs it
+  # onnxscript: torch.onnx.export's default exporter (dynamo=True since torch 2.9) needs it;
+  # openvino: the deploy tests run the exported models in it too (pip install .[deploy])
   quiet "${PIP[@]}" install -q -c "$CONSTRAINTS" 'mmengine==0.10.7' 'mmdet==3.3.0' 'mmsegmentation==1.2.2' \
     'timm>=1.0,<1.1' ftfy regex pytest 'opencv-python<4.12' addict yapf pycocotools \
-    'onnx==1.23.2' 'onnxruntime==1.32.0' 'onnxscript==0.7.2'
+    'onnx==1.23.2' 'onnxruntime==1.32.0' 'onnxscript==0.7.2' 'openvino==2026.4.1'
   # mmcv's own runtime deps (it is installed with --no-deps)
   quiet "${PIP[@]}" install -q -c "$CONSTRAINTS" addict packaging Pillow pyyaml yapf
 }
