@@ -26,6 +26,7 @@ an error that names the tensors instead; the backbone's own
 import argparse
 import os
 import pickle
+import re
 import urllib.error
 from typing import Optional
 
@@ -255,8 +256,8 @@ def check_backbone_state(model, state_dict: dict, prefix: str = ''):
     if mismatched:
         problems.append(f'shapes differ: {_list(mismatched, 4)}')
     hints = []
-    norms = sorted({int(k.split('.')[0][4:]) for k in given
-                    if k.split('.')[0][4:].isdigit() and k.startswith('norm')})
+    norms = sorted({int(m.group(1)) for m in map(re.compile(r'norm(\d+)\.').match, given)
+                    if m})
     if 'head.weight' in given or 'norm.weight' in given:
         hints.append("it looks like a classifier's state dict: load it with the backbone's "
                      "init_cfg=dict(type='Pretrained', checkpoint=...), which starts the "
