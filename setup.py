@@ -24,6 +24,6 @@ setup(
         'ftfy',
         'regex',
     ],
-    extras_require={'tests': ['pytest'], 'deploy': ['onnx', 'onnxruntime', 'openvino']},
+    extras_require={'tests': ['pytest', 'pytest-xdist'], 'deploy': ['onnx', 'onnxruntime', 'openvino']},
     license='Apache-2.0',
 )

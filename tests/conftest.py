@@ -10,7 +10,12 @@ import warnings
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two threads, as the demo's figures were measured with (its segmentation result depends
+# on the thread count, docs/demo_and_tests.md); PALE_MM_TEST_THREADS overrides it:
+# tools/run_tests.sh runs the tests not marked ``serial`` in one single-threaded pytest
+# worker per core (pytest-xdist), so the cores are shared without oversubscribing them.
+torch.set_num_threads(int(os.environ.get('PALE_MM_TEST_THREADS')
+                          or max(1, min(2, os.cpu_count() or 1))))
 
 # Without a GPU, pale_mm's Triton kernels (pale_mm/ops/triton_pale.py) run in Triton's
 # interpreter on CPU tensors, so their tests (tests/ops/test_pale_cuda.py) prove them
@@ -32,6 +37,18 @@ def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: end-to-end test (deselect with -m "not slow")')
     warnings.filterwarnings('ignore', category=DeprecationWarning)
     config._pale_cpu_times = []
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """In a pytest-xdist worker (tools/run_tests.sh), the files that hold slow tests come
+    first, so that the longest ones (the inductor compiles, the GPU script's smoke run)
+    start at once instead of ending the run on one busy worker while the others idle.
+    run_tests.sh hands out whole files in this order (``--dist loadfile
+    --no-loadscope-reorder``); the order within a file is unchanged."""
+    if not hasattr(config, 'workerinput'):
+        return
+    heavy = {item.path for item in items if item.get_closest_marker('slow')}
+    items.sort(key=lambda item: item.path not in heavy)  # stable: file order kept
 
 
 def _cpu_seconds():

@@ -15,6 +15,7 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # shares the demo's trainings (trained_demo) with tests/demo
 @pytest.mark.parametrize('task', ['det', 'seg'])
 def test_inference_writes_visualisation(task, trained_demo, demo_data, tmp_path):
     """Inference with the checkpoint of the demo's own training (shared with

@@ -485,7 +485,8 @@ def test_mmdet_get_flops_tool_on_pale_config(tmp_path):
                'model.test_cfg.rpn.max_per_img=1']
     # the pale_mm under test, wherever the installed one points
     path = os.pathsep.join([REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p])
-    env = dict(os.environ, OMP_NUM_THREADS='2', PYTHONPATH=path)
+    env = dict(os.environ, PYTHONPATH=path)
+    env.setdefault('OMP_NUM_THREADS', '2')  # 1 in run_tests.sh's parallel workers
     proc = subprocess.run([sys.executable, script, PALE_T_DET, '--num-images', '1',
                            '--cfg-options', *options], capture_output=True, text=True,
                           cwd=str(tmp_path), env=env, timeout=900)

@@ -7,6 +7,13 @@
 #      path off (PALE_MM_FAST_PATHS=0), so the reference path is tested on every CPU;
 #   3. timm's own tests/test_models.py (from the installed timm's sdist) on pale_tiny,
 #      lit_ti, lit_s and scalablevit_s (tools/timm_contract.sh).
+# Runs 1 and 2 spread the tests over one pytest-xdist worker per core, each worker
+# single-threaded (PALE_MM_TEST_THREADS=1, OMP_NUM_THREADS=1): most tests are short
+# and spend their time in Python (imports, config building, tracing, compiling), so
+# one process kept only one of two cores busy. The tests marked ``serial`` (the demo
+# trainings, which keep the two threads their floors were measured with; 2-process
+# DDP; the benchmark runs, which time things) then run alone with every core.
+# PALE_MM_TEST_WORKERS=1 runs everything in one process as before.
 # All runs always run; the exit status is nonzero if any failed.
 #   bash tools/run_tests.sh [extra pytest args, passed to runs 1 and 2]
 # For the quick suite only (skips tests marked slow): .venv/bin/python -m pytest
@@ -32,16 +39,31 @@ for t in "${REFERENCE_TESTS[@]}"; do [[ -e "$t" ]] && ref_tests+=("$t"); done
 # an empty list would make run 2 the whole suite again
 (( ${#ref_tests[@]} )) || { echo "run_tests.sh: none of ${REFERENCE_TESTS[*]} exists" >&2; exit 2; }
 
+WORKERS="${PALE_MM_TEST_WORKERS:-$(nproc 2>/dev/null || echo 1)}"
+# pytest in WORKERS single-threaded processes (or one process, as is, for WORKERS=1)
+parallel_pytest() {
+  if (( WORKERS > 1 )); then
+    PALE_MM_TEST_THREADS=1 OMP_NUM_THREADS=1 \
+      .venv/bin/python -m pytest -n "$WORKERS" --dist loadfile --no-loadscope-reorder "$@"
+  else
+    .venv/bin/python -m pytest "$@"
+  fi
+}
+# extra arguments (-k ...) may leave nothing to run in a part: not a failure
+nothing_ok() { local rc=$1; (( rc == 5 && NARGS > 0 )) && rc=0; echo "$rc"; }
+NARGS=$#
+
 t0=$SECONDS
-echo "== run 1/3: all tests, fast paths on"
-.venv/bin/python -m pytest -m 'slow or not slow' --durations=30 "$@" tests
-rc1=$?
+echo "== run 1/3: all tests, fast paths on ($WORKERS workers, then the serial ones alone)"
+parallel_pytest -m '(slow or not slow) and not serial' --durations=30 "$@" tests
+rc1a=$(nothing_ok $?)
+.venv/bin/python -m pytest -m serial --durations=10 "$@" tests
+rc1b=$(nothing_ok $?)
+rc1=$(( rc1a != 0 ? rc1a : rc1b ))
 t1=$SECONDS
 echo "== run 2/3: the model tests with every fast path off (PALE_MM_FAST_PATHS=0)"
-PALE_MM_FAST_PATHS=0 .venv/bin/python -m pytest -m 'not slow' --durations=10 "$@" "${ref_tests[@]}"
-rc2=$?
-# extra arguments (-k ...) may leave nothing to run here: not a failure
-(( rc2 == 5 && $# > 0 )) && rc2=0
+PALE_MM_FAST_PATHS=0 parallel_pytest -m 'not slow' --durations=10 "$@" "${ref_tests[@]}"
+rc2=$(nothing_ok $?)
 t2=$SECONDS
 echo "== run 3/3: timm's own model tests (tools/timm_contract.sh)"
 bash tools/timm_contract.sh

@@ -35,6 +35,7 @@ import warnings
 warnings.filterwarnings('ignore')
 import torch, torchvision, mmcv, mmengine, mmdet, mmseg, timm, numpy, onnx, onnxruntime
 import onnxscript, openvino
+import xdist  # noqa: F401  (tools/run_tests.sh spreads the tests over the cores)
 from mmcv.ops import nms, RoIAlign  # noqa: F401  (compiled ops present)
 import pale_mm  # noqa: F401
 assert numpy.__version__.startswith('1.'), numpy.__version__
@@ -116,7 +117,7 @@ install_rest() {
   # onnxscript: torch.onnx.export's default exporter (dynamo=True since torch 2.9) needs it;
   # openvino: the deploy tests run the exported models in it too (pip install .[deploy])
   quiet "${PIP[@]}" install -q -c "$CONSTRAINTS" 'mmengine==0.10.7' 'mmdet==3.3.0' 'mmsegmentation==1.2.2' \
-    'timm>=1.0,<1.1' ftfy regex pytest 'opencv-python<4.12' addict yapf pycocotools \
+    'timm>=1.0,<1.1' ftfy regex pytest 'pytest-xdist>=3.5' 'opencv-python<4.12' addict yapf pycocotools \
     'onnx==1.23.2' 'onnxruntime==1.32.0' 'onnxscript==0.7.2' 'openvino==2026.4.1'
   # mmcv's own runtime deps (it is installed with --no-deps)
   quiet "${PIP[@]}" install -q -c "$CONSTRAINTS" addict packaging Pillow pyyaml yapf

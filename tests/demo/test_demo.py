@@ -98,6 +98,7 @@ def test_generate_rejects_bad_arguments(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 @pytest.mark.parametrize('task', ['det', 'seg'])
 def test_demo_learns(task, demo_data, trained_demo, tmp_path):
     """The demo config trained as ``tools/run_demo.py`` does (the session's shared
@@ -131,6 +132,7 @@ FAMILY_DEMOS = ['mask-rcnn_lit-demo_fpn_200i_shapes-128.py',
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 @pytest.mark.parametrize('name', FAMILY_DEMOS)
 def test_family_demo_learns(name, demo_data, tmp_path):
     """The LIT and ScalableViT demo configs (the Pale detection demo with the backbone

@@ -68,6 +68,7 @@ def test_max_square_fit_and_its_failure(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_benchmark_runs_and_writes_results(tmp_path):
     bench = _load()
     res = bench.main([
@@ -100,6 +101,7 @@ def test_benchmark_runs_and_writes_results(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_benchmark_compile_option(tmp_path, monkeypatch):
     """--compile runs both backbones through torch.compile and records the first
     (compiling) call. What is tested is the option's plumbing, so here with small

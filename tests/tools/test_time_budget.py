@@ -1,11 +1,14 @@
 """Smoke test of tools/analysis/time_budget.py on a tiny input (not a timing test)."""
 import json
 
+import pytest
+
 from pale_mm.ops import kernels
 from pale_mm.ops.attention import cpu_attention_available
 from tests.tools import load_tool
 
 
+@pytest.mark.serial  # compares a step's time with its parts' timed in other steps
 def test_time_budget_splits_pale_steps(tmp_path):
     tb = load_tool('analysis/time_budget.py')  # it puts its folder on sys.path
     ext = kernels.load()

@@ -271,6 +271,7 @@ def test_load_from_checkpoint(shapes, tmp_path):
 
 # --------------------------------------------------------------------- DDP
 @pytest.mark.slow
+@pytest.mark.serial
 def test_ddp_two_processes_cpu_with_frozen_stages(shapes, tmp_path):
     """2-process torch.distributed (gloo) run of a few Mask R-CNN demo iterations
     with frozen_stages=1, through tools/dist_train.sh."""
