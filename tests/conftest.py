@@ -11,11 +11,16 @@ import pytest
 import torch
 
 # Two threads, as the demo's figures were measured with (its segmentation result depends
-# on the thread count, docs/demo_and_tests.md); PALE_MM_TEST_THREADS overrides it:
-# tools/run_tests.sh runs the tests not marked ``serial`` in one single-threaded pytest
-# worker per core (pytest-xdist), so the cores are shared without oversubscribing them.
+# on the thread count, docs/demo_and_tests.md). In a pytest-xdist worker (``pytest -n
+# 2``; tools/run_tests.sh runs the tests not marked ``serial`` so) one thread, for the
+# worker and the processes its tests start: one worker per core, cores not
+# oversubscribed (OpenMP's waiting threads slow 10-25x when they are).
+# PALE_MM_TEST_THREADS overrides both.
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    os.environ.setdefault('OMP_NUM_THREADS', '1')
 torch.set_num_threads(int(os.environ.get('PALE_MM_TEST_THREADS')
-                          or max(1, min(2, os.cpu_count() or 1))))
+                          or (1 if os.environ.get('PYTEST_XDIST_WORKER')
+                              else max(1, min(2, os.cpu_count() or 1)))))
 
 # Without a GPU, pale_mm's Triton kernels (pale_mm/ops/triton_pale.py) run in Triton's
 # interpreter on CPU tensors, so their tests (tests/ops/test_pale_cuda.py) prove them

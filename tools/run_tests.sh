@@ -8,15 +8,15 @@
 #   3. timm's own tests/test_models.py (from the installed timm's sdist) on pale_tiny,
 #      lit_ti, lit_s and scalablevit_s (tools/timm_contract.sh).
 # Runs 1 and 2 spread the tests over one pytest-xdist worker per core, each worker
-# single-threaded (PALE_MM_TEST_THREADS=1, OMP_NUM_THREADS=1): most tests are short
-# and spend their time in Python (imports, config building, tracing, compiling), so
-# one process kept only one of two cores busy. The tests marked ``serial`` (the demo
+# single-threaded (tests/conftest.py): most tests are short and spend their time in
+# Python (imports, config building, tracing, compiling), so one process kept only one
+# of two cores busy. The tests marked ``serial`` (the demo
 # trainings, which keep the two threads their floors were measured with; 2-process
 # DDP; the benchmark runs, which time things) then run alone with every core.
 # PALE_MM_TEST_WORKERS=1 runs everything in one process as before.
 # All runs always run; the exit status is nonzero if any failed.
 #   bash tools/run_tests.sh [extra pytest args, passed to runs 1 and 2]
-# For the quick suite only (skips tests marked slow): .venv/bin/python -m pytest
+# For the quick suite only (skips tests marked slow): .venv/bin/python -m pytest [-n 2]
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -43,8 +43,8 @@ WORKERS="${PALE_MM_TEST_WORKERS:-$(nproc 2>/dev/null || echo 1)}"
 # pytest in WORKERS single-threaded processes (or one process, as is, for WORKERS=1)
 parallel_pytest() {
   if (( WORKERS > 1 )); then
-    PALE_MM_TEST_THREADS=1 OMP_NUM_THREADS=1 \
-      .venv/bin/python -m pytest -n "$WORKERS" --dist loadfile --no-loadscope-reorder "$@"
+    # one thread per worker (tests/conftest.py)
+    .venv/bin/python -m pytest -n "$WORKERS" --dist loadfile --no-loadscope-reorder "$@"
   else
     .venv/bin/python -m pytest "$@"
   fi
