@@ -10,9 +10,9 @@
 # Runs 1 and 2 spread the tests over one pytest-xdist worker per core, each worker
 # single-threaded (tests/conftest.py): most tests are short and spend their time in
 # Python (imports, config building, tracing, compiling), so one process kept only one
-# of two cores busy. The tests marked ``serial`` (the demo
-# trainings, which keep the two threads their floors were measured with; 2-process
-# DDP; the benchmark runs, which time things) then run alone with every core.
+# of two cores busy. The tests marked ``serial`` (Pale's demo trainings, which keep
+# the two threads their floors were measured with; 2-process DDP; the benchmark runs,
+# which time things) then run alone with every core.
 # PALE_MM_TEST_WORKERS=1 runs everything in one process as before.
 # All runs always run; the exit status is nonzero if any failed.
 #   bash tools/run_tests.sh [extra pytest args, passed to runs 1 and 2]

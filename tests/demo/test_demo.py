@@ -132,12 +132,14 @@ FAMILY_DEMOS = ['mask-rcnn_lit-demo_fpn_200i_shapes-128.py',
 
 
 @pytest.mark.slow
-@pytest.mark.serial
 @pytest.mark.parametrize('name', FAMILY_DEMOS)
 def test_family_demo_learns(name, demo_data, tmp_path):
     """The LIT and ScalableViT demo configs (the Pale detection demo with the backbone
     swapped) clear the same bar as Pale's: measured here about 0.19 / 0.21 box mAP
-    against 0 untrained."""
+    against 0 untrained with two threads, and 0.201 / 0.194 (mask 0.230 / 0.241) with
+    one, as in tools/run_tests.sh's parallel workers (2026-12-07): unlike the
+    segmentation demo, these detectors learn at either thread count, so they are
+    not marked ``serial``."""
     pytest.importorskip('mmdet')
     from pale_mm.demo.run import REPO, build_demo_runner, val_metrics
     config = osp.join(REPO, 'configs', 'demo', name)
