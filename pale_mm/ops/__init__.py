@@ -36,10 +36,12 @@ could differ from what a standard tool expects to see:
   or carries a hook (or a global module hook is registered).
 
 For ONNX export, a reference *function* may name an export path instead
-(:func:`export_path`): while ``torch.onnx.export`` runs (either exporter) with the
-fast paths on, it hands over to a function that computes the same values as graph
-ops that the runtimes run faster (:mod:`.export`: the pale attention); with the fast
-paths off the file holds the reference's graph.
+(:func:`export_path`), and a module class may have an export form (registered for
+the device type ``'onnx'``, with the same layout and hook checks): while
+``torch.onnx.export`` runs (either exporter) with the fast paths on, they hand over to
+code that computes the same values as graph ops that the runtimes run faster
+(:mod:`.export`: the pale attention, PS-Attention's q/k/v); with the fast paths off the
+file holds the reference's graph.
 """
 import functools
 import os
@@ -135,7 +137,9 @@ def register_fast_path(cls: type, layout: Dict[str, Union[type, Tuple[type, ...]
     sends the module to its reference forward). Its arguments are the module, then the
     module's forward arguments. With ``compiles``, ``torch.compile`` traces the fast
     forward too (it must trace without graph breaks); other fast paths step aside
-    under ``torch.compile``, and all of them under ``torch.export``."""
+    under ``torch.compile``, and all of them under ``torch.export``. ``device='onnx'``
+    registers a module's export form: what ``torch.onnx.export`` writes for it (either
+    exporter) while the fast paths are on (:mod:`.export`)."""
     def register(fn):
         _REGISTRY[cls, device] = (fn, {k: v if isinstance(v, tuple) else (v,)
                                        for k, v in layout.items()}, applies, compiles)
@@ -176,6 +180,14 @@ def fast_path(module: nn.Module, *args) -> Optional[Callable]:
     tensors."""
     if not _enabled[0]:
         return None
+    if torch.onnx.is_in_onnx_export():  # a module's export form (.export), or none
+        from . import export  # noqa: F401  (registers the export forms on first use)
+        entry = _REGISTRY.get((type(module), 'onnx'))
+        if entry is None or _global_hooks():
+            return None
+        fn, layout, applies, _ = entry
+        return functools.partial(fn, module) if (_as_built(module, layout)
+                                                 and applies(module)) else None
     compiling = torch.compiler.is_compiling()
     if (is_exporting() if compiling else is_tracing()):
         return None

@@ -29,15 +29,15 @@ def mmseg_logits(model, img: torch.Tensor) -> torch.Tensor:
         return model.encode_decode(x, [dict(img_shape=x.shape[2:])] * len(x))
 
 
-def export_segmentor(tmp_path, head, family, exporter):
+def export_segmentor(tmp_path, head, family, exporter, runtime='any'):
     """``(config, checkpoint, model, onnx file)``: a tiny segmentor exported with the
-    tool's command line."""
+    tool's command line (``--runtime runtime``)."""
     onnxruntime()
     export = load_tool('deploy/export.py', 'deploy_export')
     config, checkpoint, model = segmentor(tmp_path, head, family)
     out = str(tmp_path / 'model.onnx')
     export.main([config, checkpoint, '--out', out, '--exporter', exporter,
-                 '--sample-size', '128', '160'])
+                 '--sample-size', '128', '160', '--runtime', runtime])
     return config, checkpoint, model, out
 
 
@@ -78,6 +78,27 @@ def test_upernet_pale_one_export_every_size(upernet_pale):
     (adaptive average pools to 1, 2, 3, 6) would be exported for the traced size
     only; the tool exports it as averaging matrices built from the size."""
     assert_export_matches(upernet_pale, 'torchscript')
+
+
+def test_upernet_pale_onnxruntime_runtime(tmp_path):
+    """``--runtime onnxruntime``: the pale attention as onnxruntime's
+    ``MultiHeadAttention`` (no ``Softmax`` left), equal to PyTorch at a size every
+    stage pads, a batch of two and a 1x1 image; the default exporter cannot write it,
+    nor does the runner hand the file to OpenVINO (clear errors)."""
+    onnx = pytest.importorskip('onnx')
+    exported = export_segmentor(tmp_path, 'upernet', 'pale', 'torchscript', 'onnxruntime')
+    assert_export_matches(exported, 'torchscript', SIZES[1:3] + SIZES[-1:])
+    export = load_tool('deploy/export.py', 'deploy_export')
+    assert export.read_metadata(exported[-1])['runtime'] == 'onnxruntime'
+    ops = {n.op_type for n in onnx.load(exported[-1]).graph.node}
+    assert 'MultiHeadAttention' in ops and 'Softmax' not in ops
+    with pytest.raises(ValueError, match='needs --exporter torchscript'):
+        export.check_runtime('onnxruntime', 'dynamo')
+    with pytest.raises(ValueError, match='runtime must be one of'):
+        export.check_runtime('tensorrt', 'torchscript')
+    infer = load_tool('deploy/infer.py', 'deploy_infer')
+    with pytest.raises(ValueError, match='exported for onnxruntime .* --runtime any'):
+        infer.build_inferencer(exported[-1], 'openvino')
 
 
 def test_semantic_fpn_scalablevit_one_export_every_size(tmp_path):

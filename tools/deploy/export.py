@@ -3,6 +3,7 @@
 
     python tools/deploy/export.py CONFIG CHECKPOINT --out model.onnx
                                   [--exporter torchscript|dynamo] [--opset N]
+                                  [--runtime any|onnxruntime]
                                   [--sample-size H W] [--cfg-options k=v ...]
 
 (mmdet 2.x called this ``tools/deployment/pytorch2onnx.py CONFIG CHECKPOINT
@@ -30,6 +31,11 @@ What the file computes (batch, height and width dynamic, one export):
   ``cls_score, bbox_pred`` and ``<out stem>.roi_mask.onnx`` to the mask head's
   ``mask_pred`` (RoIAlign as ONNX ``RoiAlign``). mmdet's RPN, bbox and mask
   post-processing run between them (``tools/deploy/infer.py``).
+
+``--runtime onnxruntime`` writes the pale attention with onnxruntime's
+``com.microsoft.MultiHeadAttention`` (its fused attention: faster, and no scores
+tensor in memory; :mod:`pale_mm.ops.export`), a file for onnxruntime only; the
+default, ``any``, writes standard ONNX ops, for every runtime.
 
 The config (as text), the task and the dataset's classes and palette are stored in
 the file's metadata (``metadata_props``), so a runner needs only the ``.onnx`` file.
@@ -361,13 +367,27 @@ def sibling_path(out: str, suffix: str) -> str:
     return f'{stem}.{suffix}{ext or ".onnx"}'
 
 
+def check_runtime(runtime: str, exporter: str):
+    """``ValueError`` unless ``runtime`` is one of :data:`pale_mm.ops.export.RUNTIMES`
+    and ``exporter`` can write it (onnxruntime's attention op: the TorchScript exporter)."""
+    from pale_mm.ops.export import RUNTIMES
+    if runtime not in RUNTIMES:
+        raise ValueError(f'runtime must be one of {RUNTIMES}, got {runtime!r}')
+    if runtime != 'any' and exporter != 'torchscript':
+        raise ValueError(f"--runtime {runtime} needs --exporter torchscript (the dynamo "
+                         f"exporter writes standard ops only: use --runtime any)")
+
+
 def export_graph(module: nn.Module, path: str, args: tuple, input_names: List[str],
                  dynamic: Dict[str, Dict[int, str]], exporter: str = 'torchscript',
-                 opset: Optional[int] = None) -> str:
+                 opset: Optional[int] = None, runtime: str = 'any') -> str:
     """``torch.onnx.export`` of ``module`` (eval, no grad) with the named dynamic axes
-    on inputs and outputs; returns ``path``."""
+    on inputs and outputs, its pale attention written for ``runtime``
+    (:func:`pale_mm.ops.export.export_runtime`); returns ``path``."""
+    from pale_mm.ops.export import export_runtime
     if exporter not in EXPORTERS:
         raise ValueError(f'exporter must be one of {EXPORTERS}, got {exporter!r}')
+    check_runtime(runtime, exporter)
     opset = opset or DEFAULT_OPSET[exporter]
     outputs = module.output_names()
     with torch.no_grad():
@@ -382,7 +402,7 @@ def export_graph(module: nn.Module, path: str, args: tuple, input_names: List[st
                   dynamic_axes=dynamic, dynamo=exporter == 'dynamo')
     if exporter == 'dynamo':
         kwargs['external_data'] = False
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), export_runtime(runtime):
         warnings.simplefilter('ignore')  # the exporters' advice and deprecation warnings
         torch.onnx.export(module.eval(), args, path, **kwargs)
     return path
@@ -390,12 +410,14 @@ def export_graph(module: nn.Module, path: str, args: tuple, input_names: List[st
 
 def export_model(model: nn.Module, cfg, scope: str, out: str, exporter: str = 'torchscript',
                  opset: Optional[int] = None, sample_size: Tuple[int, int] = (256, 320),
-                 dataset_meta: Optional[dict] = None) -> List[str]:
+                 dataset_meta: Optional[dict] = None, runtime: str = 'any') -> List[str]:
     """Export ``model`` (built by :func:`load_model`) to ``out`` (and, for two-stage
-    detectors, its RoI graphs next to it), with the metadata :func:`read_metadata`
-    reads; returns the written paths."""
+    detectors, its RoI graphs next to it) for ``runtime`` (``'any'`` or
+    ``'onnxruntime'``), with the metadata :func:`read_metadata` reads; returns the
+    written paths."""
     if len(sample_size) != 2 or min(sample_size) < 1:
         raise ValueError(f'sample_size must be (H, W) >= 1, got {sample_size}')
+    check_runtime(runtime, exporter)
     os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
     graphs = graph_modules(model, scope)
     # a batch of two and H != W: torch.export specialises a size of 1, and sizes equal
@@ -420,16 +442,17 @@ def export_model(model: nn.Module, cfg, scope: str, out: str, exporter: str = 't
             names = [f'feat_{i}' for i in range(n)] + ['rois']
             dynamic = {f'feat_{i}': {0: 'batch', 2: f'h{i}', 3: f'w{i}'} for i in range(n)}
             dynamic['rois'] = {0: 'num_rois'}
-        export_graph(module, path, args, names, dynamic, exporter, opset)
+        export_graph(module, path, args, names, dynamic, exporter, opset, runtime)
         paths.append(path)
     write_metadata(paths[0], cfg, scope, graphs, dataset_meta or getattr(model, 'dataset_meta',
                                                                           None),
-                   [osp.basename(p) for p in paths[1:]], exporter)
+                   [osp.basename(p) for p in paths[1:]], exporter, runtime)
     return paths
 
 
 def write_metadata(path: str, cfg, scope: str, graphs: Dict[str, nn.Module],
-                   dataset_meta: Optional[dict], siblings: List[str], exporter: str):
+                   dataset_meta: Optional[dict], siblings: List[str], exporter: str,
+                   runtime: str = 'any'):
     """Store what a runner needs in the ONNX file's ``metadata_props``."""
     import onnx
     main = graphs['']
@@ -441,6 +464,7 @@ def write_metadata(path: str, cfg, scope: str, graphs: Dict[str, nn.Module],
         'outputs': json.dumps(main.output_names()),
         'siblings': json.dumps(siblings),
         'exporter': exporter,
+        'runtime': runtime,
         'min_size': str(min_input_size(main, exporter)),
     }
     proto = onnx.load(path)
@@ -494,6 +518,8 @@ def min_input_size(main: nn.Module, exporter: str) -> int:
 
 def parse_args(argv=None):
     from mmengine.config import DictAction
+
+    from pale_mm.ops.export import RUNTIMES
     parser = argparse.ArgumentParser(description='Export a pale_mm segmentor or detector '
                                                  'to ONNX (batch, height and width dynamic)')
     parser.add_argument('config', help='model config (mmdet or mmseg)')
@@ -509,6 +535,12 @@ def parse_args(argv=None):
                              "write)")
     parser.add_argument('--opset', type=int, default=None,
                         help=f'ONNX opset (default {DEFAULT_OPSET})')
+    parser.add_argument('--runtime', choices=RUNTIMES, default=RUNTIMES[0],
+                        help="'any' (default): standard ONNX ops, for every runtime; "
+                             "'onnxruntime': the pale attention as onnxruntime's "
+                             "com.microsoft.MultiHeadAttention (fused: faster, far less "
+                             "memory), a file for onnxruntime only (TorchScript "
+                             "exporter)")
     parser.add_argument('--sample-size', type=int, nargs=2, default=(256, 320),
                         metavar=('H', 'W'), help='the example input size the exporter '
                                                  'traces (the file serves every size; '
@@ -522,7 +554,7 @@ def main(argv=None) -> List[str]:
     args = parse_args(argv)
     model, cfg, scope = load_model(args.config, args.checkpoint, args.cfg_options)
     paths = export_model(model, cfg, scope, args.out, args.exporter, args.opset,
-                         tuple(args.sample_size))
+                         tuple(args.sample_size), runtime=args.runtime)
     for p in paths:
         print(f'wrote {p}')
     return paths

@@ -174,6 +174,10 @@ def build_inferencer(path: str, backend: str = 'onnxruntime', threads: int = 0,
 
     from pale_mm.utils import register_scope
     meta = exported.read_metadata(path)
+    runtime = meta.get('runtime', 'any')  # files of older exports: standard ops
+    if runtime not in ('any', backend):
+        raise ValueError(f'{path} was exported for {runtime} (export.py --runtime '
+                         f'{runtime}); export it with --runtime any to run it in {backend}')
     cfg = Config.fromstring(meta['config'], '.py')
     register_scope(meta['task'])
     graphs = {'': Runtime(path, backend, threads, static_shapes)}
