@@ -6,17 +6,19 @@
     python tools/analysis/deploy_benchmark.py --res 64 --reps 1     # smoke run
 
 The backbones (fp32, batch 1) are exported once each: Pale-T with H and W dynamic
-(``tools/deploy/export.py``'s way: TorchScript exporter, opset 17), once with the fast
-paths on (the export form of the pale attention, :mod:`pale_mm.ops.export`) and once
-with them off (the reference's graph); mmdet's Swin-T at each resolution's fixed size
-(the way it runs: its window padding is exported for the traced size). Every runtime
-gets ``--threads`` threads. All variants, eager PyTorch Pale-T with the fast paths off
-and on included, run interleaved, one step each per round, after warm-up; the medians
-are reported with Pale-T/Swin-T throughput ratios (Swin's median time over Pale's, per
-runtime; OpenVINO also runs the dynamic Pale-T file reshaped to the size at load
-time). Peak memory is each runtime's maximum RSS in a fresh process (session
-creation and one run) above the process's RSS before it, for the exported variants.
-The CPU's model name and vector flags are recorded. Results go to JSON.
+(``tools/deploy/export.py``'s way: TorchScript exporter, opset 17), with the fast
+paths on (the export form of the pale attention, :mod:`pale_mm.ops.export`) in
+standard ops (``--runtime any``) and with onnxruntime's ``MultiHeadAttention``
+(``--runtime onnxruntime``), and with the fast paths off (the reference's graph);
+mmdet's Swin-T at each resolution's fixed size (the way it runs: its window padding
+is exported for the traced size). Every runtime gets ``--threads`` threads. All
+variants, eager PyTorch Pale-T with the fast paths off and on included, run
+interleaved, one step each per round, after warm-up; the medians are reported with
+Pale-T/Swin-T throughput ratios (Swin's median time over Pale's, per runtime;
+OpenVINO also runs the dynamic Pale-T file reshaped to the size at load time). Peak
+memory is each runtime's maximum RSS in a fresh process (session creation and one
+run) above the process's RSS before it, for the exported variants. The CPU's model
+name and vector flags are recorded. Results go to JSON.
 
 Targets (issue "Deployment ..."): onnxruntime and OpenVINO Pale-T/Swin-T at least 1.0x
 at 512x512 and 0.8x at 800x1216; the exported Pale-T no slower than eager PyTorch with
@@ -24,6 +26,7 @@ the fast paths off; its peak memory no higher than Swin-T's.
 """
 import argparse
 import json
+import gc
 import os
 import platform
 import statistics
@@ -38,6 +41,7 @@ sys.path[:0] = [ROOT, HERE]
 
 import torch  # noqa: E402
 
+ORT_FORM = 'pale-t onnxruntime form'  # exported with --runtime onnxruntime
 FLAGS = ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_tile', 'amx_bf16')
 
 
@@ -68,16 +72,18 @@ def build(name: str):
     return model
 
 
-def export(model, path: str, hw, dynamic: bool, fast_paths: bool = True):
+def export(model, path: str, hw, dynamic: bool, fast_paths: bool = True,
+           runtime: str = 'any'):
     """The backbone's four maps, TorchScript exporter, opset 17; H and W dynamic or
-    fixed at ``hw``."""
+    fixed at ``hw``; the pale attention written for ``runtime``."""
     from pale_mm.ops import set_fast_paths
+    from pale_mm.ops.export import export_runtime
     names = [f'out{i}' for i in range(4)]
     axes = {'img': {2: 'H', 3: 'W'}, **{n: {2: f'h{i}', 3: f'w{i}'}
                                         for i, n in enumerate(names)}} if dynamic else None
     previous = set_fast_paths(fast_paths)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), export_runtime(runtime):
             warnings.simplefilter('ignore')
             torch.onnx.export(model, (torch.randn(1, 3, *hw), ), path, input_names=['img'],
                               output_names=names, dynamic_axes=axes, opset_version=17,
@@ -152,6 +158,8 @@ def run(args) -> dict:
     found = backends(args.backends)
     pale_files = {
         'pale-t': export(pale, os.path.join(args.work_dir, 'pale_t.onnx'), (256, 320), True),
+        ORT_FORM: export(pale, os.path.join(args.work_dir, 'pale_t_ort.onnx'), (256, 320),
+                         True, runtime='onnxruntime'),
         'pale-t reference graph': export(pale, os.path.join(args.work_dir, 'pale_t_ref.onnx'),
                                          (256, 320), True, fast_paths=False)}
     result = dict(cpu=cpu_info(), threads=args.threads, reps=args.reps, torch=torch.__version__,
@@ -163,7 +171,8 @@ def run(args) -> dict:
         steps = {}
         for backend in found:
             for name, path in files.items():
-                steps[(backend, name)] = session(backend, path, args.threads)
+                if name != ORT_FORM or backend == 'onnxruntime':  # a file for onnxruntime
+                    steps[(backend, name)] = session(backend, path, args.threads)
             if backend == 'openvino':
                 steps[(backend, 'pale-t reshaped at load')] = session(
                     backend, pale_files['pale-t'], args.threads, hw)
@@ -189,6 +198,10 @@ def run(args) -> dict:
                 step(x)
                 times[k].append(time.perf_counter() - t)
         median = {k: statistics.median(v) for k, v in times.items()}
+        # the memory probes below run in fresh processes: free this one's sessions
+        # first (at 800x1216 they held 19.5 GB, and a probe beside them ran out of 24)
+        steps.clear()
+        gc.collect()
         for (backend, name), t in median.items():
             row = dict(res=list(hw), backend=backend, model=name, median_ms=t * 1e3,
                        times_ms=[v * 1e3 for v in times[(backend, name)]])
@@ -201,7 +214,7 @@ def run(args) -> dict:
             if backend in found and args.memory and name in files:
                 row['peak_rss_mb'] = peak_rss_mb(backend, files[name], hw, args.threads)
             result['rows'].append(row)
-            print(f'{hw[0]}x{hw[1]} {backend:12s} {name:26s} {t * 1e3:9.1f} ms'
+            print(f'{hw[0]}x{hw[1]} {backend:12s} {name:28s} {t * 1e3:9.1f} ms'
                   + (f'  pale/swin {row["pale_over_swin_throughput"]:.2f}x'
                      if 'pale_over_swin_throughput' in row else '')
                   + (f'  peak {row["peak_rss_mb"]:.0f} MB' if 'peak_rss_mb' in row else ''))
