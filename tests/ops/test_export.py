@@ -99,7 +99,9 @@ def test_exported_attention_fewer_ops_same_values(exporter, tmp_path):
         counts[fast] = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
         _assert_file_matches(ort, path, wrap, f'fast={fast}')
     assert counts[False]['IsNaN'] > 0 and counts[True]['IsNaN'] == 0
-    assert sum(counts[True].values()) < 0.7 * sum(counts[False].values()), counts
+    # fewer nodes (691 against 983 here; the rank-4 attention, which OpenVINO fuses,
+    # costs the key bias a Tile and its shape arithmetic: 661 before it)
+    assert sum(counts[True].values()) < 0.75 * sum(counts[False].values()), counts
     # PSAttention's export form: q, k, v each by its own conv, BatchNorm and
     # projection (the reference: one conv over [x, x, x], its BatchNorm folded in by
     # the exporter)
