@@ -180,20 +180,17 @@ def fast_path(module: nn.Module, *args) -> Optional[Callable]:
     tensors."""
     if not _enabled[0]:
         return None
-    if torch.onnx.is_in_onnx_export():  # a module's export form (.export), or none
+    if torch.onnx.is_in_onnx_export():  # the module's export form (.export), if any
         from . import export  # noqa: F401  (registers the export forms on first use)
-        entry = _REGISTRY.get((type(module), 'onnx'))
-        if entry is None or _global_hooks():
+        device, compiling = 'onnx', False
+    else:
+        compiling = torch.compiler.is_compiling()
+        if (is_exporting() if compiling else is_tracing()):
             return None
-        fn, layout, applies, _ = entry
-        return functools.partial(fn, module) if (_as_built(module, layout)
-                                                 and applies(module)) else None
-    compiling = torch.compiler.is_compiling()
-    if (is_exporting() if compiling else is_tracing()):
-        return None
-    if not args or not all(type(a) is torch.Tensor for a in args):
-        return None
-    entry = _REGISTRY.get((type(module), args[0].device.type))
+        if not args or not all(type(a) is torch.Tensor for a in args):
+            return None
+        device = args[0].device.type
+    entry = _REGISTRY.get((type(module), device))
     if entry is None or _global_hooks():
         return None
     fn, layout, applies, compiles = entry

@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.layers import BlockDiagonalLinear
-from ..models.pale_attention import PSAttention, check_tokens, pale_attention_nhwc
+from ..models.pale_attention import PSAttention, check_tokens, pale_attention_nhwc, pale_groups
 from . import register_export_path, register_fast_path
 
 __all__ = ['pale_attention_onnx', 'ps_attention_onnx', 'pale_key_bias', 'RUNTIMES',
@@ -104,7 +104,6 @@ def pale_key_bias(length, size: int, width, like: torch.Tensor) -> torch.Tensor:
     """``(G, 1, 1, s*W)`` additive key bias of the interlaced groups along an axis of
     ``length`` lines (line ``i`` of group ``g`` is line ``i*G + g``): ``0`` for real
     keys, ``-inf`` for the padding lines ``>= length``."""
-    from ..models.pale_attention import pale_groups
     groups, lines = pale_groups(length, size)
     line = (torch.arange(lines, device=like.device) * groups
             + torch.arange(groups, device=like.device)[:, None])  # (G, s)
@@ -117,7 +116,6 @@ def pale_key_bias(length, size: int, width, like: torch.Tensor) -> torch.Tensor:
 def _branch(qkv: torch.Tensor, size: int) -> torch.Tensor:
     """Attention within the interlaced groups along dim 1 of ``qkv``,
     ``(B, L, W, 3, heads, d)`` (q already scaled); returns ``(B, L, W, heads * d)``."""
-    from ..models.pale_attention import pale_groups
     B, L, W, _, heads, d = qkv.shape
     groups, lines = pale_groups(L, size)
     qkv = F.pad(qkv, (0, 0, 0, 0, 0, 0, 0, 0, 0, groups * lines - L))
@@ -140,7 +138,6 @@ def _group_rows(length, size: int, positions, line_step, position_step, offset,
     each group's ``S`` tokens in a row. Where ``s = 1`` there are no
     short groups; their length is then taken as 1, so no size written into a
     ``Reshape`` is 0 (ONNX reads a 0 there as "keep the input's size")."""
-    from ..models.pale_attention import pale_groups
     groups, lines = pale_groups(length, size)
     full = length - (lines - 1) * groups  # 1 <= f <= G
     short = lines - 1 + 1 // lines
@@ -168,7 +165,6 @@ def _group_order(length, size: int, device) -> torch.Tensor:
     groups of :func:`_group_rows` (full groups first, then the short ones) are laid
     out one after another: ``g*(s-1) + min(g, f) + i`` for line ``i`` of group
     ``g``."""
-    from ..models.pale_attention import pale_groups
     groups, lines = pale_groups(length, size)
     full = length - (lines - 1) * groups
     line = torch.arange(length, device=device)
