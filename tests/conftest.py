@@ -96,6 +96,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def fast_paths_on():
+    """For a fast path's own tests (the export forms, ...): the fast paths on, whatever
+    ``PALE_MM_FAST_PATHS`` says."""
+    from pale_mm.ops import set_fast_paths
+    previous = set_fast_paths(True)
+    yield
+    set_fast_paths(previous)
+
+
 # ------------------------------------------------- the demo, trained once per session
 @pytest.fixture(scope='session')
 def demo_data(tmp_path_factory):

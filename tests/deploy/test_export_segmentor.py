@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from pale_mm.ops import set_fast_paths
 from tests.deploy.models import onnxruntime, reductions, segmentor
 from tests.tolerances import assert_close_fp
 from tests.tools import load_tool
@@ -80,7 +81,7 @@ def test_upernet_pale_one_export_every_size(upernet_pale):
     assert_export_matches(upernet_pale, 'torchscript')
 
 
-def test_upernet_pale_onnxruntime_runtime(tmp_path):
+def test_upernet_pale_onnxruntime_runtime(tmp_path, fast_paths_on):
     """``--runtime onnxruntime``: the pale attention as onnxruntime's
     ``MultiHeadAttention`` (no ``Softmax`` left), equal to PyTorch at a size every
     stage pads, a batch of two and a 1x1 image; the default exporter cannot write it,
@@ -96,6 +97,12 @@ def test_upernet_pale_onnxruntime_runtime(tmp_path):
         export.check_runtime('onnxruntime', 'dynamo')
     with pytest.raises(ValueError, match='runtime must be one of'):
         export.check_runtime('tensorrt', 'torchscript')
+    previous = set_fast_paths(False)
+    try:  # the reference's graph under an onnxruntime label: refused
+        with pytest.raises(ValueError, match='needs the fast paths on .*PALE_MM_FAST_PATHS'):
+            export.check_runtime('onnxruntime', 'torchscript')
+    finally:
+        set_fast_paths(previous)
     infer = load_tool('deploy/infer.py', 'deploy_infer')
     with pytest.raises(ValueError, match='exported for onnxruntime .* --runtime any'):
         infer.build_inferencer(exported[-1], 'openvino')

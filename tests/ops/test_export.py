@@ -109,7 +109,7 @@ def test_exported_attention_fewer_ops_same_values(exporter, tmp_path):
     assert (counts[True]['Conv'], counts[True]['BatchNormalization']) == (3, 3), counts
 
 
-def test_exported_onnxruntime_form_same_values(tmp_path):
+def test_exported_onnxruntime_form_same_values(tmp_path, fast_paths_on):
     """One PSAttention exported for onnxruntime (``export_runtime('onnxruntime')``):
     the attention is ``com.microsoft.MultiHeadAttention`` (no ``Softmax``, no key
     bias), one call per branch and set of groups, and equals PyTorch in onnxruntime at
@@ -143,7 +143,7 @@ def test_ps_attention_export_form_equals_reference(hw):
     assert_close_fp(got, expected, max(9, 32, 7 * max(hw)), depth=4)
 
 
-def test_ps_attention_export_form_only_where_it_applies(monkeypatch):
+def test_ps_attention_export_form_only_where_it_applies(monkeypatch, fast_paths_on):
     """While ONNX export runs (faked here), the dispatch hands an eval-mode PSAttention
     as built to its export form, and leaves the reference where the form would not
     compute the same: training mode, a converted BatchNorm, a hook, fast paths off."""

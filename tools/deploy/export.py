@@ -369,13 +369,20 @@ def sibling_path(out: str, suffix: str) -> str:
 
 def check_runtime(runtime: str, exporter: str):
     """``ValueError`` unless ``runtime`` is one of :data:`pale_mm.ops.export.RUNTIMES`
-    and ``exporter`` can write it (onnxruntime's attention op: the TorchScript exporter)."""
+    and can be written: onnxruntime's attention op by the TorchScript exporter, as an
+    export form (with the fast paths on; off, the file would hold the reference's
+    standard ops under an onnxruntime label)."""
+    from pale_mm.ops import ENV, fast_paths_enabled
     from pale_mm.ops.export import RUNTIMES
     if runtime not in RUNTIMES:
         raise ValueError(f'runtime must be one of {RUNTIMES}, got {runtime!r}')
     if runtime != 'any' and exporter != 'torchscript':
         raise ValueError(f"--runtime {runtime} needs --exporter torchscript (the dynamo "
                          f"exporter writes standard ops only: use --runtime any)")
+    if runtime != 'any' and not fast_paths_enabled():
+        raise ValueError(f"--runtime {runtime} writes pale_mm's export form, which needs "
+                         f"the fast paths on ({ENV}=0 switched them off): unset {ENV}, or "
+                         f"use --runtime any for the reference's graph")
 
 
 def export_graph(module: nn.Module, path: str, args: tuple, input_names: List[str],
